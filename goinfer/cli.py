@@ -1,0 +1,148 @@
+"""The `goinfer` commands; thin wrappers that load settings and call the library.
+
+`http_command`, `server_command` and `up_command` are plain click commands, so a user can add
+them to their own click group next to their models (go-infer's `rootCmd.AddCommand(cli.HttpCmd)`):
+
+    import click, goinfer, goinfer.cli
+    from mymodels import Bert
+
+    goinfer.register(Bert)
+
+    @click.group()
+    def cli(): ...
+
+    goinfer.cli.add_commands(cli)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import click
+
+from goinfer import __version__
+from goinfer.logs import setup_logging
+from goinfer.models.registry import ModelError, ModelRegistry, default_registry, resolve_models
+from goinfer.settings import DEFAULT_SETTINGS_PATH, Settings, SettingsError, load_settings
+
+EXIT_CONFIG = 2
+
+yaml_option = click.option(
+    "--yaml",
+    "yaml_path",
+    default=DEFAULT_SETTINGS_PATH,
+    show_default=True,
+    metavar="PATH",
+    help="The settings file (go-infer's settings.yaml schema).",
+)
+
+
+def _fatal(message: str, status: int = EXIT_CONFIG) -> NoReturn:
+    click.echo(f"goinfer: error: {message}", err=True)
+    sys.exit(status)
+
+
+def _load(yaml_path: str) -> Settings:
+    setup_logging()
+    try:
+        return load_settings(yaml_path)
+    except SettingsError as exc:
+        _fatal(str(exc))
+
+
+def _models(settings: Settings) -> ModelRegistry:
+    try:
+        return resolve_models(settings.models)
+    except ModelError as exc:
+        _fatal(f"{settings.path}: Models: {exc}")
+
+
+def _model_paths(settings: Settings) -> list[str]:
+    """Import paths for worker processes, without importing model code in this process."""
+    paths = default_registry.import_paths()
+    paths += [p for p in settings.models if p not in paths]
+    if not paths:
+        _fatal(f"{settings.path}: Models: no models to serve: list them under 'Models:' "
+               "or register them with goinfer.register()")
+    return paths
+
+
+@click.command("http")
+@yaml_option
+def http_command(yaml_path: str) -> None:
+    """Start the HTTP tier: check signed requests, queue them, answer in go-infer's envelope.
+
+    Listens on API.Addr:API.Port. Stops cleanly on SIGTERM or Ctrl-C, answering the requests
+    already in flight first.
+    """
+    from goinfer.http.server import run_http
+
+    settings = _load(yaml_path)
+    registry = _models(settings)
+    try:
+        run_http(settings, registry)
+    except SettingsError as exc:
+        _fatal(str(exc))
+    except OSError as exc:
+        _fatal(f"cannot listen on {settings.api.addr}:{settings.api.port}: {exc.strerror or exc}", 1)
+
+
+@click.command("server")
+@click.argument("queue", metavar="N", type=int)
+@yaml_option
+def server_command(queue: int, yaml_path: str) -> None:
+    """Start a dispatcher for queue N: MaxWorkers worker processes run the models.
+
+    N is in [0, Server.RequestQueueAmount). Several dispatchers may serve the same N, on one
+    machine or many; each request is executed once. Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    from goinfer.dispatcher.supervisor import run_dispatcher
+
+    settings = _load(yaml_path)
+    amount = settings.server.request_queue_amount
+    if not 0 <= queue < amount:
+        raise click.BadParameter(
+            f"{queue} is not a queue number: Server.RequestQueueAmount is {amount}, so N is in [0, {amount})",
+            param_hint="N",
+        )
+    sys.exit(run_dispatcher(settings, queue, _model_paths(settings)))
+
+
+@click.command("up")
+@yaml_option
+def up_command(yaml_path: str) -> None:
+    """Run everything on this machine: one dispatcher per queue and the HTTP tier.
+
+    If the settings' Redis is on this machine and does not answer, a private redis-server is
+    started first (the installed one, or the one of the `goinfer[redis]` extra) with its files in
+    a temporary folder. Ctrl-C or SIGTERM stops everything that was started.
+    """
+    from goinfer.up import run_up
+
+    settings = _load(yaml_path)
+    _models(settings)  # refuse a broken model list before starting anything
+    sys.exit(run_up(settings, _model_paths(settings)))
+
+
+def add_commands(group: click.Group) -> click.Group:
+    """Add goinfer's `http`, `server` and `up` commands to your own click group."""
+    for command in (http_command, server_command, up_command):
+        group.add_command(command)
+    return group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="goinfer")
+def main() -> None:
+    """goinfer: serve models behind a signed HTTP API, with Redis between the tiers.
+
+    Run `goinfer up` on one machine, or `goinfer http` and `goinfer server N` on as many machines
+    as you need, all pointing at one Redis.
+    """
+
+
+add_commands(main)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The inference tier: a supervisor process and the spawned workers that run the models."""

@@ -1,0 +1,131 @@
+"""`goinfer server N`: start `MaxWorkers` spawned workers on queue N and keep them running.
+
+The supervisor never imports model code's heavy parts nor runs a model: it only starts,
+watches and stops workers. A worker that fails to initialise stops the dispatcher (a broken
+deployment should fail loudly at start); one that dies later is restarted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Sequence
+
+from goinfer.connections import describe_redis
+from goinfer.dispatcher.worker import worker_process_main
+from goinfer.settings import Settings
+
+log = logging.getLogger("goinfer.dispatcher")
+
+STOP_GRACE_S = 30.0
+WATCH_INTERVAL_S = 0.5
+
+
+class InitFailed(Exception):
+    """A worker could not initialise its models; the message says which and why."""
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the worker processes of one dispatcher."""
+
+    def __init__(self, settings: Settings, queue_index: int, model_paths: Sequence[str]) -> None:
+        self._settings = settings
+        self._queue_index = queue_index
+        self._model_paths = list(model_paths)
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, BaseProcess] = {}
+        self._stop_requested = False
+        self.restarts = 0
+
+    def request_stop(self, *_args: object) -> None:
+        self._stop_requested = True
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 if models failed to initialise."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        server = self._settings.server
+        log.info("dispatcher for queue %d: %d workers, redis at %s, models %s", self._queue_index,
+                 server.max_workers, describe_redis(server), ", ".join(self._model_paths))
+        try:
+            self._start_workers(range(server.max_workers))
+        except InitFailed as exc:
+            log.error("dispatcher stopping: %s", exc)
+            self._stop_workers()
+            return 1
+        log.info("dispatcher for queue %d ready", self._queue_index)
+        try:
+            self._watch()
+        except InitFailed as exc:
+            log.error("dispatcher stopping: %s", exc)
+            self._stop_workers()
+            return 1
+        self._stop_workers()
+        log.info("dispatcher for queue %d stopped", self._queue_index)
+        return 0
+
+    def _start_workers(self, indexes) -> None:
+        """Start workers and wait until each reports its models initialised."""
+        pending: dict[Connection, tuple[int, BaseProcess]] = {}
+        for index in indexes:
+            parent_end, child_end = self._context.Pipe(duplex=False)
+            process = self._context.Process(
+                target=worker_process_main,
+                args=(self._settings, self._queue_index, self._model_paths, index, child_end),
+                name=f"goinfer-worker-{self._queue_index}.{index}",
+                daemon=False,
+            )
+            process.start()
+            child_end.close()
+            self._workers[index] = process
+            pending[parent_end] = (index, process)
+        while pending:
+            if self._stop_requested:
+                return
+            ready = wait(list(pending), timeout=WATCH_INTERVAL_S)
+            for conn in ready:
+                index, process = pending.pop(conn)
+                try:
+                    status, detail = conn.recv()
+                except EOFError:
+                    process.join(5)
+                    raise InitFailed(f"worker {index} exited with code {process.exitcode} during init") from None
+                finally:
+                    conn.close()
+                if status != "ready":
+                    raise InitFailed(f"worker {index} could not initialise the models: {detail}")
+
+    def _watch(self) -> None:
+        while not self._stop_requested:
+            sentinels = {process.sentinel: index for index, process in self._workers.items()}
+            for sentinel in wait(list(sentinels), timeout=WATCH_INTERVAL_S):
+                if self._stop_requested:
+                    return
+                index = sentinels[sentinel]
+                process = self._workers[index]
+                process.join()
+                self.restarts += 1
+                log.error("worker %d (pid %s) died with exit code %s; restarting it",
+                          index, process.pid, process.exitcode)
+                self._start_workers([index])
+
+    def _stop_workers(self) -> None:
+        """SIGTERM lets each worker finish its request; stragglers are killed after the grace."""
+        for process in self._workers.values():
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for process in self._workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker pid %s did not stop in %.0fs; killing it", process.pid, STOP_GRACE_S)
+                process.kill()
+                process.join()
+
+
+def run_dispatcher(settings: Settings, queue_index: int, model_paths: Sequence[str]) -> int:
+    return Supervisor(settings, queue_index, model_paths).run()

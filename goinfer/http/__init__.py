@@ -1,0 +1,1 @@
+"""The HTTP tier: checks signed requests, queues them, and answers in go-infer's envelope."""

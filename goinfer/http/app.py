@@ -1,0 +1,132 @@
+"""The HTTP tier's routes and a request's way through it.
+
+POST <api_path>: read the body (bounded) -> checkSign -> model.api_entry -> queue -> reply ->
+go-infer's envelope. Every failure on that way is answered in the envelope with its code; none
+becomes a traceback or a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping
+
+from aiohttp import web
+
+from goinfer.errors import ApiError
+from goinfer.http import envelope
+from goinfer.http.queue_client import QueueClient, ReplyTimeout, SendFailure
+from goinfer.http.signing import SignatureChecker, SignCheckFailure
+from goinfer.models.base import NOAPI_PREFIX, Model
+from goinfer.queue import Job, choose_stream
+from goinfer.settings import Settings
+
+log = logging.getLogger("goinfer.http")
+
+QUEUE_CLIENT = web.AppKey("queue_client", QueueClient)
+
+
+class ApiHandler:
+    """Serves every model's api_path; one instance per HTTP process."""
+
+    def __init__(self, settings: Settings, models: Mapping[str, Model], checker: SignatureChecker,
+                 queue: QueueClient) -> None:
+        self._settings = settings
+        self._models = dict(models)
+        self._checker = checker
+        self._queue = queue
+        self._timeout = settings.server.message_timeout
+        self._max_body = settings.api.max_body_bytes
+        server = settings.server
+        self._queue_amount = server.request_queue_amount
+        self._default_queue = server.queue_name
+
+    def _fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
+              status: int = 200) -> web.Response:
+        error = self._settings.error(name)
+        msg = f"{error.msg} : {detail}" if detail else error.msg
+        return envelope.failure(app_id, request_id, error.code, msg, status)
+
+    async def post(self, request: web.Request) -> web.Response:
+        model = self._models[request.match_info.route.resource.canonical]  # type: ignore[union-attr]
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            signed = self._checker.check(body)
+        except SignCheckFailure as refused:
+            return self._fail(refused.code_name, detail=refused.detail)
+
+        app_id = signed.app_id
+        request_id = envelope.new_request_id()
+        arrived = time.time()
+        try:
+            params = model.api_entry(signed.data)
+            if not isinstance(params, dict):
+                raise TypeError(f"api_entry must return a dict, returned {type(params).__name__}")
+            # Encoding here refuses params that cannot travel as JSON, with the model's name.
+            payload = Job(request_id, model.api_path, params, self._queue.reply_key,
+                          arrived + self._timeout).encode()
+        except ApiError as exc:
+            return self._fail_with(app_id, request_id, exc.code, "ApiEntryFail", exc.msg)
+        except Exception as exc:
+            log.exception("api_entry of %s failed (requestId %s)", type(model).__name__, request_id)
+            return self._fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
+
+        stream = choose_stream(model.queue or self._default_queue, self._queue_amount)
+        try:
+            reply = await self._queue.submit(stream, request_id, payload, self._timeout)
+        except SendFailure as exc:
+            log.warning("cannot queue request %s on %s: %s", request_id, stream, exc)
+            return self._fail("SendMsgFail", app_id, request_id, str(exc))
+        except ReplyTimeout:
+            return self._fail("QueueTimeout", app_id, request_id)
+        if reply.code != 0:
+            return envelope.failure(app_id, request_id, reply.code, reply.msg)
+        if not isinstance(reply.data, dict):
+            return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
+        return envelope.success(app_id, request_id, reply.data)
+
+    def _fail_with(self, app_id: str, request_id: str, code: int, prefix_name: str, msg: str) -> web.Response:
+        prefix = self._settings.error(prefix_name).msg
+        return envelope.failure(app_id, request_id, code, f"{prefix} : {msg}")
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        if request.path in self._models:
+            return self._fail("MethodNotAllowed", status=405)
+        return self._fail("UnknownApiPath", status=404)
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="Hello world.")
+
+
+def create_app(settings: Settings, models: Mapping[str, Model], checker: SignatureChecker,
+               queue: QueueClient) -> web.Application:
+    """The aiohttp application of one HTTP process; the queue client starts and stops with it."""
+    routed = {path: model for path, model in models.items() if not path.startswith(NOAPI_PREFIX)}
+    handler = ApiHandler(settings, routed, checker, queue)
+    # aiohttp enforces the body limit itself too; +1 so our own check answers first.
+    app = web.Application(client_max_size=settings.api.max_body_bytes + 1)
+    app[QUEUE_CLIENT] = queue
+    app.router.add_get("/", hello)
+    for path in routed:
+        app.router.add_post(path, handler.post)
+    app.router.add_route("*", "/{tail:.*}", handler.not_found)
+
+    async def queue_lifecycle(app: web.Application):
+        await queue.start()
+        yield
+        await queue.close()
+
+    app.cleanup_ctx.append(queue_lifecycle)
+    return app

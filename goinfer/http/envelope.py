@@ -1,0 +1,54 @@
+"""go-infer's response envelope, byte-compatible in keys and types, and its request ids.
+
+Keys are written sorted, as Go's encoder writes a map, so a client comparing bytes or parsing
+with a fixed schema sees what go-infer sent.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+def new_request_id() -> str:
+    """go-infer's format: the date as YYYYMMDD, then 32 hex characters."""
+    return time.strftime("%Y%m%d") + secrets.token_hex(16)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return (json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
+    payload = dict(data)
+    payload["msg"] = "success"
+    payload["requestId"] = request_id
+    body = {
+        "code": 0,
+        "appId": app_id,
+        "signType": "plain",
+        "encType": "plain",
+        "success": True,
+        "timestamp": int(time.time()),
+        "data": payload,
+    }
+    return web.Response(body=_encode(body), content_type=JSON_CONTENT_TYPE)
+
+
+def failure(app_id: str, request_id: str, code: int, msg: str, status: int = 200) -> web.Response:
+    body = {
+        "code": code,
+        "appId": app_id,
+        "signType": "plain",
+        "encType": "plain",
+        "success": False,
+        "timestamp": int(time.time()),
+        "data": {"msg": msg, "requestId": request_id},
+    }
+    return web.Response(status=status, body=_encode(body), content_type=JSON_CONTENT_TYPE)

@@ -1,0 +1,197 @@
+"""JSON as go-infer's Go server reads and writes it, for building the exact string it signs.
+
+go-infer decodes a request with `json.Unmarshal` into `map[string]interface{}` and re-encodes
+`data` with `json.Marshal` before checking the signature, so a signature is valid over *Go's*
+spelling of the request: every number as a float64, HTML characters and U+2028/9 escaped, bad
+UTF-8 replaced byte by byte. Python's json module differs on each point; this module bridges
+them, fast when a request holds nothing that Go would spell differently.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import re
+from decimal import Decimal
+from typing import Any
+
+# Go's decoder replaces every byte of an invalid UTF-8 sequence with U+FFFD, one per byte.
+codecs.register_error("goinfer-go-utf8", lambda exc: ("\ufffd" * (exc.end - exc.start), exc.end))
+
+_EXACT_INT_LIMIT = 2**53
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NEEDS_GO_ESCAPES = re.compile("\\\\[bf]|[<>&\u2028\u2029]")
+_ESCAPE_TOKEN = re.compile("\\\\(?:u[0-9a-fA-F]{4}|.)|[<>&\u2028\u2029]")
+_GO_ESCAPES = {
+    "\\b": "\\u0008",
+    "\\f": "\\u000c",
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+
+
+class GoJsonError(ValueError):
+    """The body is JSON that Go's decoder refuses (or nested past our documented limit)."""
+
+
+class ParsedBody:
+    """A decoded request: Python values for the models, plus what the signature check needs."""
+
+    __slots__ = ("value", "go_numbers_differ")
+
+    def __init__(self, value: Any, go_numbers_differ: bool) -> None:
+        self.value = value
+        # True when some number would be spelled differently by Go (a float, -0, or an integer
+        # beyond 2**53): then `go_marshal` must walk the values instead of using json.dumps.
+        self.go_numbers_differ = go_numbers_differ
+
+
+def parse_request_body(body: bytes, max_depth: int) -> ParsedBody:
+    """Decode a body as Go's json.Unmarshal would accept it; raise GoJsonError otherwise."""
+    text = body.decode("utf-8", "goinfer-go-utf8")
+    if text.count("[") + text.count("{") > max_depth:
+        _check_depth(text, max_depth)
+    differ = False
+
+    def on_float(literal: str) -> float:
+        nonlocal differ
+        value = float(literal)
+        if math.isinf(value):
+            raise GoJsonError(f"number {literal[:40]} is out of range for a float64")
+        differ = True
+        return value
+
+    def on_int(literal: str) -> int | float:
+        nonlocal differ
+        if literal == "-0":
+            differ = True
+            return -0.0
+        value = int(literal)
+        if -_EXACT_INT_LIMIT < value < _EXACT_INT_LIMIT:
+            return value
+        if math.isinf(float(literal)):
+            raise GoJsonError(f"number {literal[:40]}... is out of range for a float64")
+        differ = True
+        return value
+
+    def on_constant(name: str) -> Any:
+        raise GoJsonError(f"invalid character in JSON: {name} is not a JSON value")
+
+    try:
+        value = json.loads(text, parse_float=on_float, parse_int=on_int, parse_constant=on_constant)
+    except GoJsonError:
+        raise
+    except RecursionError:
+        raise GoJsonError(f"JSON nested deeper than {max_depth} levels") from None
+    except ValueError as exc:  # JSONDecodeError and int() digit limits
+        raise GoJsonError(f"invalid JSON: {exc}") from None
+    if _LONE_SURROGATE_ESCAPE.search(text):
+        value = _replace_lone_surrogates(value)
+    return ParsedBody(value, differ)
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Refuse nesting beyond the limit before handing the text to a recursive parser."""
+    brackets = _STRING_LITERAL.sub("", text)
+    depth = 0
+    for char in brackets:
+        if char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise GoJsonError(f"JSON nested deeper than {max_depth} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """Go decodes an unpaired \\ud800 escape to U+FFFD; Python keeps an unencodable surrogate."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_SURROGATE.sub("\ufffd", k): _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def go_marshal(value: Any, numbers_differ: bool = True) -> str:
+    """The text Go's json.Marshal writes for a decoded value (sorted keys, Go escapes)."""
+    if numbers_differ:
+        out = _marshal_walk(value)
+    else:
+        out = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return go_escapes(out)
+
+
+def go_escapes(encoded: str) -> str:
+    """Turn Python's JSON string escapes into Go's (HTML-safe, \\u0008 for \\b as Go 1.19)."""
+    if not _NEEDS_GO_ESCAPES.search(encoded):
+        return encoded
+    return _ESCAPE_TOKEN.sub(lambda m: _GO_ESCAPES.get(m.group(0), m.group(0)), encoded)
+
+
+def _marshal_walk(value: Any) -> str:
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join(f"{_string(k)}:{_marshal_walk(v)}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_marshal_walk(item) for item in value) + "]"
+    if isinstance(value, str):
+        return _string(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    return go_json_number(float(value))
+
+
+def _string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _shortest_digits(value: float) -> tuple[str, int]:
+    """The shortest round-trip digits of |value| and its decimal exponent (d.ddd x 10^exp)."""
+    sign, digits, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    text = "".join(map(str, digits))
+    return text, len(text) - 1 + exponent
+
+
+def _scientific(value: float, cleanup: bool) -> str:
+    digits, exp = _shortest_digits(value)
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    exponent = f"{'-' if exp < 0 else '+'}{abs(exp):02d}"
+    if cleanup and exponent[0] == "-" and len(exponent) == 3 and exponent[1] == "0":
+        exponent = "-" + exponent[2]  # encoding/json writes e-7, not e-07
+    return f"{'-' if value < 0 else ''}{mantissa}e{exponent}"
+
+
+def _fixed(value: float) -> str:
+    return format(Decimal(repr(value)).normalize(), "f")
+
+
+def go_json_number(value: float) -> str:
+    """A float64 as Go's encoding/json writes it ('f' format, 'e' below 1e-6 or from 1e21)."""
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    magnitude = abs(value)
+    if magnitude < 1e-6 or magnitude >= 1e21:
+        return _scientific(value, cleanup=True)
+    return _fixed(value)
+
+
+def go_format_g(value: float) -> str:
+    """strconv.FormatFloat(v, 'g', -1, 64): how go-infer writes top-level numbers."""
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    _, exp = _shortest_digits(value)
+    if exp < -4 or exp >= 6:  # Go uses precision 6 for this choice when printing shortest
+        return _scientific(value, cleanup=False)
+    return _fixed(value)

@@ -1,0 +1,116 @@
+"""The HTTP tier's side of the queue: put a job on a stream, await its reply.
+
+One reader task per process drains this process's reply list and resolves the waiting request
+by id, so a request costs one XADD and no subscription, connection or task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from goinfer.connections import async_client, describe_redis
+from goinfer.queue import JOB_FIELD, Reply, reply_key
+from goinfer.settings import ServerSettings
+
+log = logging.getLogger("goinfer.http.queue")
+
+DRAIN_BATCH = 256
+RECONNECT_MAX_S = 2.0
+
+
+class SendFailure(Exception):
+    """The job could not be put on the queue (Redis unreachable or refusing)."""
+
+
+class ReplyTimeout(Exception):
+    """No reply before the request's deadline."""
+
+
+class QueueClient:
+    """Submits jobs for one HTTP process and routes replies back to their requests."""
+
+    def __init__(self, server: ServerSettings) -> None:
+        self._server = server
+        self.reply_key = reply_key(uuid.uuid4().hex)
+        self._redis: redis.asyncio.Redis = async_client(server)
+        self._reader_redis: redis.asyncio.Redis = async_client(server, blocking=True)
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        try:
+            await self._redis.ping()
+            log.info("redis at %s answers; replies come back on %s", describe_redis(self._server), self.reply_key)
+        except RedisError as exc:
+            log.warning("redis at %s does not answer yet (%s); requests get SendMsgFail until it does",
+                        describe_redis(self._server), exc)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        await self._redis.aclose()
+        await self._reader_redis.aclose()
+
+    async def submit(self, stream: str, job_id: str, payload: str, timeout: float) -> Reply:
+        """Queue an encoded Job and wait for its reply; SendFailure or ReplyTimeout otherwise."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._waiting[job_id] = future
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            try:
+                await self._redis.xadd(stream, {JOB_FIELD: payload})
+            except (RedisError, OSError) as exc:
+                raise SendFailure(str(exc) or type(exc).__name__) from None
+            return await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(job_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    async def _read_replies(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                item = await self._reader_redis.blpop([self.reply_key], timeout=1)
+                if item is None:
+                    continue
+                self._deliver(item[1])
+                rest = await self._reader_redis.lpop(self.reply_key, DRAIN_BATCH)
+                for raw in rest or ():
+                    self._deliver(raw)
+                delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("reading replies failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _deliver(self, raw: bytes) -> None:
+        try:
+            reply = Reply.decode(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("dropping a malformed reply (%s)", exc)
+            return
+        future = self._waiting.get(reply.id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+
+def _expire(future: asyncio.Future[Reply]) -> None:
+    if not future.done():
+        future.set_exception(ReplyTimeout())

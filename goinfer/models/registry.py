@@ -1,0 +1,127 @@
+"""Which models a process serves: classes registered in code plus the settings' `Models:` list.
+
+Processes receive models as import paths ("package.module:Class"), never as pickled classes,
+so a spawned worker imports exactly what its parent named and nothing runs twice by accident.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Iterable
+
+from goinfer.models.base import NOAPI_PREFIX, Model
+
+
+class ModelError(Exception):
+    """A model class that cannot be served; the message names the class and what is wrong."""
+
+
+def import_path_of(cls: type) -> str:
+    """The "module:QualName" path a spawned process can import the class from."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_model(path: str) -> type[Model]:
+    """Import "package.module:Class", checking that it is a servable Model."""
+    module_name, _, qualname = path.partition(":")
+    if not module_name or not qualname:
+        raise ModelError(f"{path!r}: expected 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is reported, not raised
+        raise ModelError(f"{path!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    target: object = module
+    for part in qualname.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ModelError(f"{path!r}: module {module_name!r} has no {qualname!r}") from None
+    return check_model_class(target, path)
+
+
+def check_model_class(cls: object, where: str | None = None) -> type[Model]:
+    """Refuse anything that would fail later, at the first request, with a clearer message."""
+    name = where or getattr(cls, "__qualname__", repr(cls))
+    if not (inspect.isclass(cls) and issubclass(cls, Model)):
+        raise ModelError(f"{name}: not a subclass of goinfer.Model")
+    label = cls.__qualname__
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise ModelError(f"model {label} does not define {', '.join(missing)}")
+    path = getattr(cls, "api_path", None)
+    if path is None:
+        raise ModelError(f"model {label} does not define api_path (e.g. api_path = \"/api/{label.lower()}\")")
+    if not isinstance(path, str) or not (path.startswith("/") or path.startswith(NOAPI_PREFIX)):
+        raise ModelError(f"model {label}: api_path must start with '/' or '{NOAPI_PREFIX}', got {path!r}")
+    if not isinstance(cls.queue, str):
+        raise ModelError(f"model {label}: queue must be a string, got {cls.queue!r}")
+    return cls
+
+
+class ModelRegistry:
+    """An ordered set of model classes with unique api paths."""
+
+    def __init__(self, classes: Iterable[type] = ()) -> None:
+        self._classes: dict[str, type[Model]] = {}
+        for cls in classes:
+            self.add(cls)
+
+    def add(self, cls: type) -> type[Model]:
+        model = check_model_class(cls)
+        existing = self._classes.get(model.api_path)
+        if existing is not None and existing is not model:
+            raise ModelError(
+                f"models {existing.__qualname__} and {model.__qualname__} share api_path {model.api_path!r}"
+            )
+        self._classes[model.api_path] = model
+        return model
+
+    def extend_from_paths(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self.add(import_model(path))
+
+    @property
+    def classes(self) -> list[type[Model]]:
+        return list(self._classes.values())
+
+    def import_paths(self) -> list[str]:
+        return [import_path_of(cls) for cls in self._classes.values()]
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
+# The registry that `goinfer.register` fills: go-infer's `types.ModelList`.
+default_registry = ModelRegistry()
+
+
+def register(*classes: type) -> None:
+    """Add model classes for the `http`, `server` and `up` commands of your own click program.
+
+    The Python spelling of go-infer's `types.ModelList = append(types.ModelList, &MyModel{})`.
+    """
+    for cls in classes:
+        default_registry.add(cls)
+
+
+def resolve_models(model_paths: Iterable[str], registry: ModelRegistry | None = None) -> ModelRegistry:
+    """The models a command serves: those registered in code, then the settings' `Models:` list."""
+    resolved = ModelRegistry((registry or default_registry).classes)
+    resolved.extend_from_paths(model_paths)
+    if not len(resolved):
+        raise ModelError(
+            "no models to serve: list them under 'Models:' in the settings file "
+            "(e.g. - goinfer.models.echo:Echo) or register them with goinfer.register()"
+        )
+    return resolved
+
+
+def instantiate(classes: Iterable[type[Model]], settings: object) -> dict[str, Model]:
+    """One instance per model, keyed by api path, with the settings attached."""
+    instances: dict[str, Model] = {}
+    for cls in classes:
+        model = cls()
+        model.settings = settings
+        instances[cls.api_path] = model
+    return instances

@@ -1,0 +1,127 @@
+"""Models used by the tests: each exercises one path of the framework."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from goinfer import ApiError, Model
+
+
+class Greeter(Model):
+    """A well-behaved model: checks its input in api_entry, answers in infer."""
+
+    api_path = "/api/greet"
+
+    def init(self) -> None:
+        self.greeting = self.customer.get("Greeting", "hello")
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        name = data.get("name")
+        if not isinstance(name, str):
+            raise ApiError(1001, "need name")
+        return {"name": name}
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"greeting": f"{self.greeting}, {params['name']}", "tag": os.environ.get("GOINFER_TEST_TAG", "")}
+
+
+class Faulty(Model):
+    """Fails where and how `data.mode` says."""
+
+    api_path = "/api/faulty"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        mode = data.get("mode")
+        if mode == "entry-apierror":
+            raise ApiError(4321, "bad field x")
+        if mode == "entry-exception":
+            raise ValueError("entry blew up")
+        if mode == "entry-not-dict":
+            return ["not", "a", "dict"]  # type: ignore[return-value]
+        if mode == "entry-not-json":
+            return {"value": object()}
+        return {"mode": mode}
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        mode = params.get("mode")
+        if mode == "infer-apierror":
+            raise ApiError(5432, "cannot infer this")
+        if mode == "infer-exception":
+            raise RuntimeError("infer blew up")
+        if mode == "infer-not-dict":
+            return "oops"  # type: ignore[return-value]
+        if mode == "infer-not-json":
+            return {"value": object()}
+        return {"ok": True}
+
+
+class Recorder(Model):
+    """Records every execution in Redis, to count how often each request ran."""
+
+    api_path = "/api/record"
+
+    def init(self) -> None:
+        host, _, port = self.settings.server.redis_server.rpartition(":")
+        self.redis = redis.Redis(host=host, port=int(port))
+        self.key = f"{self.settings.server.queue_name}executions"
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(params.get("sleep", 0)))
+        self.redis.rpush(self.key, request_id)
+        return {"request_id": request_id, "tag": os.environ.get("GOINFER_TEST_TAG", ""), "pid": os.getpid()}
+
+
+class CustomQueued(Model):
+    """Lives on its own queue (go-infer's CustomQueue)."""
+
+    api_path = "/api/custom"
+    queue = "goinfer-test-custom-queue-"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"served": "custom", **params}
+
+
+class Hidden(Model):
+    """Served by dispatchers, never routed by the HTTP tier."""
+
+    api_path = "__noapi__/hidden"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+class BrokenInit(Model):
+    """Its weights "cannot be loaded": the dispatcher must stop with a clear message."""
+
+    api_path = "/api/broken"
+
+    def init(self) -> None:
+        raise RuntimeError("weights file /nonexistent/model.bin not found")
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {}
