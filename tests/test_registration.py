@@ -1,0 +1,121 @@
+"""How users hand their models to goinfer, and single-machine mode (`goinfer up`)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from typing import Any
+
+import pytest
+
+from goinfer import Model
+from goinfer.client import Client
+from goinfer.models.registry import ModelError, ModelRegistry, import_model
+
+from conftest import APP_ID, APP_SECRET, SM2_PRIVATE_KEY, TESTS, free_port, url_of, wait_until, write_settings
+
+
+def test_a_model_missing_a_hook_is_named():
+    class NoInfer(Model):
+        api_path = "/api/x"
+
+        def init(self) -> None: ...
+
+        def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+            return data
+
+    with pytest.raises(ModelError, match="model .*NoInfer does not define infer"):
+        ModelRegistry([NoInfer])
+
+
+def test_a_model_without_api_path_is_named():
+    class NoPath(Model):
+        def init(self) -> None: ...
+
+        def api_entry(self, data): return data
+
+        def infer(self, request_id, params): return params
+
+    with pytest.raises(ModelError, match="model .*NoPath does not define api_path"):
+        ModelRegistry([NoPath])
+
+
+def test_bad_class_attributes_fail_at_definition():
+    with pytest.raises(TypeError, match="BadPath.api_path must be a string"):
+        class BadPath(Model):  # noqa: F841
+            api_path = 42
+    with pytest.raises(TypeError, match="BadQueue.queue must be a string"):
+        class BadQueue(Model):  # noqa: F841
+            queue = None or 7
+
+
+def test_duplicate_api_paths_and_non_models_are_refused():
+    with pytest.raises(ModelError, match="share api_path '/api/echo'"):
+        ModelRegistry([import_model("goinfer.models.echo:Echo"), _echo_twin()])
+    with pytest.raises(ModelError, match="not a subclass of goinfer.Model"):
+        import_model("goinfer.cli:main")
+
+
+def _echo_twin() -> type:
+    class EchoTwin(Model):
+        api_path = "/api/echo"
+
+        def init(self) -> None: ...
+
+        def api_entry(self, data): return data
+
+        def infer(self, request_id, params): return params
+
+    return EchoTwin
+
+
+def test_user_click_program(tmp_path, redis_server, processes):
+    """go-infer's pattern: register the model in your program, add goinfer's commands to it."""
+    settings = write_settings(tmp_path, redis_server.address, Models=[])
+    program = [sys.executable, str(TESTS / "user_cli.py")]
+    help_text = processes.start("--help", program=program)
+    help_text.process.wait(30)
+    assert "My greeting service." in help_text.output and "server" in help_text.output
+    processes.start("server", "0", "--yaml", str(settings), program=program).wait_for_output(
+        "dispatcher for queue 0 ready", 60)
+    http = processes.start("http", "--yaml", str(settings), program=program)
+    http.wait_for_output("serving /api/greet")
+    api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SM2", sm2_private_key=SM2_PRIVATE_KEY)
+    wait_until(lambda: _answers(api), 30, "the user's program to answer")
+    assert api.call("/api/greet", {"name": "Lin"})["greeting"] == "hello, Lin"
+
+
+def _answers(api: Client) -> bool:
+    try:
+        api.call("/api/greet", {"name": "x"})
+        return True
+    except OSError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_runs_everything_with_a_private_redis(tmp_path, processes):
+    redis_port = free_port()
+    settings = write_settings(tmp_path, f"127.0.0.1:{redis_port}", Server={"RedisPasswd": "s3cret-pw"})
+    up = processes.start("up", "--yaml", str(settings))
+    up.wait_for_output("started a private redis-server", 30)
+    api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SM2", sm2_private_key=SM2_PRIVATE_KEY)
+    wait_until(lambda: _echo_answers(api), 60, "goinfer up to answer")
+    assert api.call("/api/greet", {"name": "Up"})["greeting"] == "hello, Up"
+    assert _port_open(redis_port)
+    assert up.stop(signal.SIGTERM, timeout=60) == 0
+    assert not _port_open(redis_port), "the private redis-server must stop with goinfer up"
+    assert "s3cret-pw" not in up.output
+    assert "Traceback" not in up.output
+
+
+def _echo_answers(api: Client) -> bool:
+    try:
+        return api.call("/api/echo", {"a": 1})["a"] == 1
+    except OSError:
+        return False
