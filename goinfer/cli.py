@@ -70,17 +70,22 @@ def _model_paths(settings: Settings) -> list[str]:
 
 @click.command("http")
 @yaml_option
-def http_command(yaml_path: str) -> None:
+@click.option("--workers", type=click.IntRange(1, 256), default=None, metavar="N",
+              help="HTTP processes sharing the port (SO_REUSEPORT). Default: API.HttpWorkers, 1.")
+def http_command(yaml_path: str, workers: int | None) -> None:
     """Start the HTTP tier: check signed requests, queue them, answer in go-infer's envelope.
 
     Listens on API.Addr:API.Port. Stops cleanly on SIGTERM or Ctrl-C, answering the requests
-    already in flight first.
+    already in flight first. One process uses one core; give it --workers to use more.
     """
-    from goinfer.http.server import run_http
+    from goinfer.http.server import run_http, run_http_processes
 
     settings = _load(yaml_path)
     registry = _models(settings)
+    count = workers or settings.api.http_workers
     try:
+        if count > 1:
+            sys.exit(run_http_processes(settings, registry.import_paths(), count))
         run_http(settings, registry)
     except SettingsError as exc:
         _fatal(str(exc))

@@ -47,6 +47,7 @@ class ApiSettings:
     allow_sign_plain: tuple[str, ...] = ()
     max_body_bytes: int = 16 * 1024 * 1024
     max_json_depth: int = 512
+    http_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class ServerSettings:
     request_queue_amount: int = 1
     message_timeout: float = 10.0
     max_workers: int = 8
+    batch_size: int = 16
+    batch_timeout_ms: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
     "AllowSignPlain": ("allow_sign_plain", _string_list),
     "MaxBodyBytes": ("max_body_bytes", _int(1024)),
     "MaxJsonDepth": ("max_json_depth", _int(2, 10000)),
+    "HttpWorkers": ("http_workers", _int(1, 256)),
 }
 
 _SERVER_KEYS: dict[str, tuple[str, Check]] = {
@@ -172,6 +176,8 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "RequestQueueAmount": ("request_queue_amount", _int(1, 1024)),
     "MessageTimeout": ("message_timeout", _number(positive=True)),
     "MaxWorkers": ("max_workers", _int(1, 1024)),
+    "BatchSize": ("batch_size", _int(1, 4096)),
+    "BatchTimeoutMs": ("batch_timeout_ms", _number()),
 }
 
 _SECTIONS = ("API", "Server", "ErrCode", "Customer", "Models")

@@ -120,10 +120,12 @@ def ensure_redis(settings: Settings) -> PrivateRedis | None:
 
 
 def _http_child(settings: Settings, model_paths: list[str]) -> None:
-    from goinfer.http.server import run_http
+    from goinfer.http.server import run_http, run_http_processes
     from goinfer.models.registry import ModelRegistry
 
     setup_logging()
+    if settings.api.http_workers > 1:
+        raise SystemExit(run_http_processes(settings, model_paths, settings.api.http_workers))
     registry = ModelRegistry()
     registry.extend_from_paths(model_paths)
     run_http(settings, registry)

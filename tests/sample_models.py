@@ -125,3 +125,31 @@ class BrokenInit(Model):
 
     def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+
+class Batcher(Model):
+    """Batches: answers each request with the size of the batch it ran in."""
+
+    api_path = "/api/batch"
+    batch_size = 8
+    batch_timeout_ms = 50
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self.infer_batch([(request_id, params)])[0]
+
+    def infer_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        if any(params.get("explode") for _, params in batch):
+            raise RuntimeError("the whole batch failed")
+        if any(params.get("wrong-length") for _, params in batch):
+            return []
+        return [
+            ApiError(6001, f"item {params.get('i')} failed") if params.get("fail")
+            else {"batch": len(batch), "i": params.get("i"), "request_id": request_id}
+            for request_id, params in batch
+        ]

@@ -122,3 +122,29 @@ def test_sigterm_stops_both_tiers_cleanly(tmp_path, redis_server, processes):
     assert http.stop(signal.SIGINT) == 0
     assert "dispatcher for queue 0 stopped" in server.output
     assert "Traceback" not in server.output + http.output
+
+
+def test_http_workers_share_the_port_and_are_restarted(tmp_path, redis_server, processes):
+    settings = write_settings(tmp_path, redis_server.address)
+    http = processes.start("http", "--workers", "2", "--yaml", str(settings))
+    processes.server(settings)
+    api = client(url_of(settings))
+    wait_until(lambda: http.output.count("HTTP tier on") == 2, 30, "two HTTP processes")
+    wait_until(lambda: _answers(api), 30, "the HTTP processes to answer")
+    pids = sorted(int(line.split("[")[1].split("]")[0]) for line in http.output.splitlines()
+                  if "HTTP tier on" in line)
+    assert len(set(pids)) == 2
+    with ThreadPoolExecutor(16) as pool:
+        assert all(a["a"] == i for i, a in enumerate(pool.map(lambda i: api.call("/api/echo", {"a": i}), range(64))))
+    os.kill(pids[0], signal.SIGKILL)
+    http.wait_for_output("restarting it")
+    wait_until(lambda: http.output.count("HTTP tier on") == 3, 30, "a restarted HTTP process")
+    assert all(api.call("/api/echo", {"a": i})["a"] == i for i in range(20))
+    assert http.stop(signal.SIGTERM) == 0
+
+
+def _answers(api: Client) -> bool:
+    try:
+        return api.call("/api/echo", {"a": 0})["a"] == 0
+    except OSError:
+        return False

@@ -12,13 +12,16 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Mapping
+from typing import Any, Mapping
 
 import redis
 from redis.exceptions import RedisError, ResponseError
 
 from goinfer.connections import sync_client
+from goinfer.dispatcher.batching import batch_policies, chunks, wants_more
 from goinfer.errors import ApiError
 from goinfer.logs import setup_logging
 from goinfer.models.base import Model
@@ -42,6 +45,15 @@ def queue_streams(settings: Settings, queue_index: int, models: Mapping[str, Mod
     return [stream_name(base, queue_index) for base in bases]
 
 
+@dataclass
+class Pending:
+    """An entry taken from a stream: its job, or None when the entry is unreadable."""
+
+    stream: bytes | str
+    entry_id: bytes
+    job: Job | None
+
+
 class Worker:
     """The consume loop of one worker process."""
 
@@ -52,22 +64,25 @@ class Worker:
         self._consumer = consumer
         self._redis = client or sync_client(settings.server)
         self._streams = queue_streams(settings, queue_index, models)
+        self._policies = batch_policies(settings.server, self._models)
+        self._read_count = max((p.size for p in self._policies.values()), default=1)
+        self._infer_fail = settings.error("InferFail")
         self.stopping = False
 
     def run(self) -> None:
         """Serve until `stopping` is set; Redis outages are waited out, never fatal."""
-        log.info("worker %s reading %s", self._consumer, ", ".join(self._streams))
+        batching = ", ".join(f"{api} up to {p.size} per {p.timeout_s * 1000:g} ms" for api, p in self._policies.items())
+        log.info("worker %s reading %s%s", self._consumer, ", ".join(self._streams),
+                 f"; batching {batching}" if batching else "")
         self._ensure_groups()
         delay = 0.1
         while not self.stopping:
             try:
-                batch = self._redis.xreadgroup(
-                    CONSUMER_GROUP, self._consumer, {s: ">" for s in self._streams},
-                    count=1, block=READ_BLOCK_MS,
-                )
-                for stream, entries in batch or ():
-                    for entry_id, fields in entries:
-                        self._handle(stream, entry_id, fields)
+                pending = self._read(self._read_count, READ_BLOCK_MS)
+                if pending and self._policies:
+                    pending = self._fill_batches(pending)
+                if pending:
+                    self._process(pending)
                 delay = 0.1
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -79,6 +94,93 @@ class Worker:
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 self._try_ensure_groups()
+
+    def _read(self, count: int, block_ms: int) -> list[Pending]:
+        batch = self._redis.xreadgroup(
+            CONSUMER_GROUP, self._consumer, {s: ">" for s in self._streams}, count=count, block=block_ms,
+        )
+        pending = []
+        for stream, entries in batch or ():
+            for entry_id, fields in entries:
+                try:
+                    job = Job.decode(fields[JOB_FIELD.encode()])
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.error("dropping malformed entry %s on %s: %s", entry_id, stream, exc)
+                    job = None
+                pending.append(Pending(stream, entry_id, job))
+        return pending
+
+    def _fill_batches(self, pending: list[Pending]) -> list[Pending]:
+        """Read again while a batchable model has a partial batch and its timeout allows."""
+        started = time.monotonic()
+        while len(pending) < self._read_count:
+            counts = Counter(p.job.api for p in pending if p.job is not None)
+            remaining = started + wants_more(self._policies, counts) - time.monotonic()
+            if remaining < 0.001:
+                break
+            pending += self._read(self._read_count - len(pending), max(1, int(remaining * 1000)))
+        return pending
+
+    def _process(self, pending: list[Pending]) -> None:
+        groups: dict[str, list[Pending]] = {}
+        for item in pending:
+            if item.job is None or item.job.expired():
+                if item.job is not None:
+                    log.warning("dropping request %s: its client was already answered with QueueTimeout",
+                                item.job.id)
+                self._finish([(item, None)])
+                continue
+            if item.job.api in self._policies:
+                groups.setdefault(item.job.api, []).append(item)
+            else:
+                self._finish([(item, self.execute(item.job))])
+        for api, items in groups.items():
+            for chunk in chunks(items, self._policies[api].size):
+                replies = self.execute_batch(self._models[api], [item.job for item in chunk])
+                self._finish(list(zip(chunk, replies)))
+
+    def execute(self, job: Job) -> str:
+        """Run the model for one job; every outcome becomes an encoded Reply, never an exception."""
+        model = self._models.get(job.api)
+        if model is None:
+            error = self._settings.error("UnknownApi")
+            return Reply(job.id, error.code, f"{error.msg} : {job.api}").encode()
+        try:
+            result: Any = model.infer(job.id, job.params)
+        except ApiError as exc:
+            result = exc
+        except Exception as exc:
+            log.exception("infer of %s failed (requestId %s)", type(model).__name__, job.id)
+            result = exc
+        return self._encoded(job, result, "infer")
+
+    def execute_batch(self, model: Model, jobs: list[Job]) -> list[str]:
+        """One infer_batch call for several jobs; a failure of the call answers each of them."""
+        try:
+            results = model.infer_batch([(job.id, job.params) for job in jobs])  # type: ignore[attr-defined]
+            if not isinstance(results, list) or len(results) != len(jobs):
+                got = len(results) if isinstance(results, list) else type(results).__name__
+                raise TypeError(f"infer_batch must return a list of {len(jobs)} results, returned {got}")
+        except ApiError as exc:
+            results = [exc] * len(jobs)
+        except Exception as exc:
+            log.exception("infer_batch of %s failed for %d requests", type(model).__name__, len(jobs))
+            results = [exc] * len(jobs)
+        return [self._encoded(job, result, "infer_batch") for job, result in zip(jobs, results)]
+
+    def _encoded(self, job: Job, result: Any, hook: str) -> str:
+        prefix = self._infer_fail
+        if isinstance(result, ApiError):
+            return Reply(job.id, result.code, f"{prefix.msg} : {result.msg}").encode()
+        if isinstance(result, BaseException):
+            return Reply(job.id, prefix.code, f"{prefix.msg} : {result or type(result).__name__}").encode()
+        if not isinstance(result, dict):
+            detail = f"{hook} must return a dict per request, returned {type(result).__name__}"
+            return Reply(job.id, prefix.code, f"{prefix.msg} : {detail}").encode()
+        try:
+            return Reply(job.id, 0, data=result).encode()
+        except (TypeError, ValueError) as exc:  # a result that cannot be sent is the model's failure
+            return Reply(job.id, prefix.code, f"{prefix.msg} : {exc}").encode()
 
     def _ensure_groups(self) -> None:
         # Created at id 0, so requests queued before any dispatcher ran are served too.
@@ -95,48 +197,15 @@ class Worker:
         except (RedisError, OSError):
             pass
 
-    def _handle(self, stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> None:
-        try:
-            job = Job.decode(fields[JOB_FIELD.encode()])
-        except (KeyError, ValueError, TypeError) as exc:
-            log.error("dropping malformed entry %s on %s: %s", entry_id, stream, exc)
-            self._finish(stream, entry_id)
-            return
-        if job.expired():
-            log.warning("dropping request %s: its client was already answered with QueueTimeout", job.id)
-            self._finish(stream, entry_id)
-            return
-        reply = self.execute(job)
-        self._finish(stream, entry_id, job.reply_to, reply.encode())
-
-    def execute(self, job: Job) -> Reply:
-        """Run the model for one job; every outcome becomes a Reply, never an exception."""
-        model = self._models.get(job.api)
-        if model is None:
-            error = self._settings.error("UnknownApi")
-            return Reply(job.id, error.code, f"{error.msg} : {job.api}")
-        prefix = self._settings.error("InferFail")
-        try:
-            data = model.infer(job.id, job.params)
-            if not isinstance(data, dict):
-                raise TypeError(f"infer must return a dict, returned {type(data).__name__}")
-            reply = Reply(job.id, 0, data=data)
-            reply.encode()  # a result that cannot be sent is the model's failure, reported as such
-            return reply
-        except ApiError as exc:
-            return Reply(job.id, exc.code, f"{prefix.msg} : {exc.msg}")
-        except Exception as exc:
-            log.exception("infer of %s failed (requestId %s)", type(model).__name__, job.id)
-            return Reply(job.id, prefix.code, f"{prefix.msg} : {exc or type(exc).__name__}")
-
-    def _finish(self, stream, entry_id, reply_to: str | None = None, reply: str | None = None) -> None:
-        """Send the reply and acknowledge the entry in one round trip."""
+    def _finish(self, done: list[tuple[Pending, str | None]]) -> None:
+        """Send the replies and acknowledge their entries in one round trip."""
         pipe = self._redis.pipeline(transaction=False)
-        if reply_to is not None and reply is not None:
-            pipe.rpush(reply_to, reply)
-            pipe.expire(reply_to, REPLY_TTL_S)
-        pipe.xack(stream, CONSUMER_GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
+        for item, reply in done:
+            if reply is not None and item.job is not None:
+                pipe.rpush(item.job.reply_to, reply)
+                pipe.expire(item.job.reply_to, REPLY_TTL_S)
+            pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
+            pipe.xdel(item.stream, item.entry_id)
         pipe.execute()
 
 

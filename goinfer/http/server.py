@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import signal
 import time
-from typing import Callable
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Callable, Sequence
 
 from aiohttp import web
 
@@ -13,6 +17,7 @@ from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
 from goinfer.http.app import create_app
 from goinfer.http.queue_client import QueueClient
 from goinfer.http.signing import SignatureChecker
+from goinfer.logs import setup_logging
 from goinfer.models.registry import ModelRegistry, instantiate
 from goinfer.settings import Settings, SettingsError
 
@@ -42,7 +47,7 @@ def build_app(settings: Settings, registry: ModelRegistry,
     return create_app(settings, models, checker, QueueClient(settings.server))
 
 
-def run_http(settings: Settings, registry: ModelRegistry) -> None:
+def run_http(settings: Settings, registry: ModelRegistry, reuse_port: bool = False) -> None:
     """Serve the API on the settings' Addr:Port; returns after a clean shutdown."""
     _use_uvloop()
     app = build_app(settings, registry)
@@ -56,8 +61,60 @@ def run_http(settings: Settings, registry: ModelRegistry) -> None:
         access_log=None,
         shutdown_timeout=min(SHUTDOWN_GRACE_S, settings.server.message_timeout + 1),
         handle_signals=True,
+        reuse_port=reuse_port or None,
     )
     log.info("HTTP tier stopped")
+
+
+def _http_process_main(settings: Settings, model_paths: list[str]) -> None:
+    setup_logging()
+    registry = ModelRegistry()
+    registry.extend_from_paths(model_paths)
+    run_http(settings, registry, reuse_port=True)
+
+
+def run_http_processes(settings: Settings, model_paths: Sequence[str], count: int) -> int:
+    """Serve with `count` processes sharing the port (SO_REUSEPORT): the HTTP tier on every core.
+
+    Each process has its own reply list, so replies never cross processes. A process that dies
+    is restarted; SIGTERM or Ctrl-C stops them all after they answer what is in flight.
+    """
+    context = multiprocessing.get_context("spawn")
+    stopping = {"now": False}
+
+    def stop(*_args: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def start(index: int) -> BaseProcess:
+        process = context.Process(target=_http_process_main, args=(settings, list(model_paths)),
+                                  name=f"goinfer-http-{index}")
+        process.start()
+        return process
+
+    processes = {index: start(index) for index in range(count)}
+    log.info("HTTP tier: %d processes on port %d", count, settings.api.port)
+    while not stopping["now"]:
+        by_sentinel = {p.sentinel: i for i, p in processes.items()}
+        for sentinel in wait(list(by_sentinel), timeout=0.5):
+            if stopping["now"]:
+                break
+            index = by_sentinel[sentinel]
+            log.error("HTTP process %d (pid %s) exited with code %s; restarting it",
+                      index, processes[index].pid, processes[index].exitcode)
+            time.sleep(0.5)  # a process that cannot start should not spin
+            processes[index] = start(index)
+    for process in processes.values():
+        if process.is_alive():
+            process.terminate()
+    for process in processes.values():
+        process.join(SHUTDOWN_GRACE_S + 5)
+        if process.is_alive():
+            process.kill()
+    log.info("HTTP tier stopped")
+    return 0
 
 
 def _use_uvloop() -> None:

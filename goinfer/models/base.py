@@ -19,10 +19,21 @@ class Model(abc.ABC):
     One instance lives in the HTTP process (only `api_entry` is called there) and one in every
     worker process (`init` once, then `infer` per request), so instances must not share state
     across tiers. `self.settings` is the loaded Settings; `self.customer` its `Customer:` section.
+
+    Dynamic batching: a model that also defines
+
+        def infer_batch(self, batch: list[tuple[str, dict]]) -> list[dict | ApiError]
+
+    gets up to `batch_size` waiting requests at once (one forward pass for all of them), in
+    request order, and returns one result per request; an `ApiError` *returned* (not raised) in
+    place of a result fails that request alone. A model with only `infer` is never batched.
+    `batch_size` / `batch_timeout_ms` override the settings' Server.BatchSize / BatchTimeoutMs.
     """
 
     api_path: ClassVar[str]
     queue: ClassVar[str] = ""
+    batch_size: ClassVar[int | None] = None
+    batch_timeout_ms: ClassVar[float | None] = None
 
     settings: Any = None
 
@@ -35,6 +46,10 @@ class Model(abc.ABC):
         queue = cls.__dict__.get("queue")
         if queue is not None and not isinstance(queue, str):
             raise TypeError(f"{cls.__qualname__}.queue must be a string, got {queue!r}")
+
+    @classmethod
+    def supports_batching(cls) -> bool:
+        return callable(getattr(cls, "infer_batch", None))
 
     @property
     def customer(self) -> Mapping[str, Any]:

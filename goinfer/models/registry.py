@@ -56,6 +56,12 @@ def check_model_class(cls: object, where: str | None = None) -> type[Model]:
         raise ModelError(f"model {label}: api_path must start with '/' or '{NOAPI_PREFIX}', got {path!r}")
     if not isinstance(cls.queue, str):
         raise ModelError(f"model {label}: queue must be a string, got {cls.queue!r}")
+    size = cls.batch_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ModelError(f"model {label}: batch_size must be a positive integer, got {size!r}")
+    timeout = cls.batch_timeout_ms
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ModelError(f"model {label}: batch_timeout_ms must be a non-negative number, got {timeout!r}")
     return cls
 
 
