@@ -149,5 +149,10 @@ def main() -> None:
 
 add_commands(main)
 
+from goinfer.tool_commands import TOOL_COMMANDS  # noqa: E402  (operator tools: call, keygen, check)
+
+for _tool in TOOL_COMMANDS:
+    main.add_command(_tool)
+
 if __name__ == "__main__":
     main()

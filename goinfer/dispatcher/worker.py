@@ -76,13 +76,16 @@ class Worker:
                  f"; batching {batching}" if batching else "")
         self._ensure_groups()
         delay = 0.1
-        while not self.stopping:
+        pending: list[Pending] = []
+        while pending or not self.stopping:  # entries already taken are finished before stopping
             try:
-                pending = self._read(self._read_count, READ_BLOCK_MS)
+                if not pending:
+                    pending = self._read(self._read_count, READ_BLOCK_MS)
                 if pending and self._policies:
                     pending = self._fill_batches(pending)
                 if pending:
-                    self._process(pending)
+                    # The last replies and the next read share one round trip to Redis.
+                    pending = self._finish(self._process(pending), read_next=not self.stopping)
                 delay = 0.1
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -96,9 +99,11 @@ class Worker:
                 self._try_ensure_groups()
 
     def _read(self, count: int, block_ms: int) -> list[Pending]:
-        batch = self._redis.xreadgroup(
+        return self._decode(self._redis.xreadgroup(
             CONSUMER_GROUP, self._consumer, {s: ">" for s in self._streams}, count=count, block=block_ms,
-        )
+        ))
+
+    def _decode(self, batch: Any) -> list[Pending]:
         pending = []
         for stream, entries in batch or ():
             for entry_id, fields in entries:
@@ -121,23 +126,31 @@ class Worker:
             pending += self._read(self._read_count - len(pending), max(1, int(remaining * 1000)))
         return pending
 
-    def _process(self, pending: list[Pending]) -> None:
+    def _process(self, pending: list[Pending]) -> list[tuple[Pending, str | None]]:
+        """Run the jobs, sending each reply as soon as it is ready; the last ones are returned."""
+        unsent: list[tuple[Pending, str | None]] = []
         groups: dict[str, list[Pending]] = {}
         for item in pending:
             if item.job is None or item.job.expired():
                 if item.job is not None:
                     log.warning("dropping request %s: its client was already answered with QueueTimeout",
                                 item.job.id)
-                self._finish([(item, None)])
-                continue
-            if item.job.api in self._policies:
+                unsent.append((item, None))
+            elif item.job.api in self._policies:
                 groups.setdefault(item.job.api, []).append(item)
             else:
-                self._finish([(item, self.execute(item.job))])
+                unsent = self._flush(unsent)
+                unsent.append((item, self.execute(item.job)))
         for api, items in groups.items():
             for chunk in chunks(items, self._policies[api].size):
-                replies = self.execute_batch(self._models[api], [item.job for item in chunk])
-                self._finish(list(zip(chunk, replies)))
+                unsent = self._flush(unsent)
+                unsent += zip(chunk, self.execute_batch(self._models[api], [item.job for item in chunk]))
+        return unsent
+
+    def _flush(self, unsent: list[tuple[Pending, str | None]]) -> list[tuple[Pending, str | None]]:
+        if unsent:
+            self._finish(unsent)
+        return []
 
     def execute(self, job: Job) -> str:
         """Run the model for one job; every outcome becomes an encoded Reply, never an exception."""
@@ -197,8 +210,11 @@ class Worker:
         except (RedisError, OSError):
             pass
 
-    def _finish(self, done: list[tuple[Pending, str | None]]) -> None:
-        """Send the replies and acknowledge their entries in one round trip."""
+    def _finish(self, done: list[tuple[Pending, str | None]], read_next: bool = False) -> list[Pending]:
+        """Send the replies and acknowledge their entries in one round trip, optionally reading on.
+
+        Redis runs the commands in order, so the replies are delivered before a read that blocks.
+        """
         pipe = self._redis.pipeline(transaction=False)
         for item, reply in done:
             if reply is not None and item.job is not None:
@@ -206,7 +222,11 @@ class Worker:
                 pipe.expire(item.job.reply_to, REPLY_TTL_S)
             pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
             pipe.xdel(item.stream, item.entry_id)
-        pipe.execute()
+        if read_next:
+            pipe.xreadgroup(CONSUMER_GROUP, self._consumer, {s: ">" for s in self._streams},
+                            count=self._read_count, block=READ_BLOCK_MS)
+        results = pipe.execute()
+        return self._decode(results[-1]) if read_next else []
 
 
 def consumer_name(worker_index: int) -> str:

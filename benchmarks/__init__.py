@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` measures goinfer end to end; see README.md here."""

@@ -1,0 +1,77 @@
+"""The one-hop baseline: an aiohttp handler that pushes the body to Redis and awaits the reply.
+
+No signature check, no api_entry, no envelope: the least an HTTP-to-Redis-to-worker hop can
+cost in Python. It speaks goinfer's queue format (goinfer.queue) so the same `goinfer server`
+dispatcher answers it, and the benchmark can report goinfer's HTTP tier as a ratio of this.
+
+    python -m benchmarks.baseline_server --port 18100 --redis 127.0.0.1:16379 --stream q0 [--reuse-port]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import click
+import redis.asyncio
+import uvloop
+from aiohttp import web
+
+
+def make_app(redis_url: str, stream: str, api: str) -> web.Application:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    reader = redis.asyncio.Redis.from_url(redis_url)
+    reply_key = f"goinfer:reply:baseline-{uuid.uuid4().hex}"
+    waiting: dict[str, asyncio.Future] = {}
+
+    async def read_replies() -> None:
+        while True:
+            item = await reader.blpop([reply_key], timeout=1)
+            if item is None:
+                continue
+            items = [item[1]] + list(await reader.lpop(reply_key, 256) or [])
+            for raw in items:
+                reply = json.loads(raw)
+                future = waiting.pop(reply["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        job_id = uuid.uuid4().hex
+        future = asyncio.get_running_loop().create_future()
+        waiting[job_id] = future
+        job = {"id": job_id, "api": api, "params": json.loads(body).get("data", {}),
+               "reply_to": reply_key, "deadline": time.time() + 10}
+        await client.xadd(stream, {"m": json.dumps(job)})
+        reply = await asyncio.wait_for(future, 10)
+        return web.Response(body=json.dumps({"code": reply["code"], "data": reply.get("data")}, separators=(",", ":")).encode(),
+                            content_type="application/json")
+
+    async def lifecycle(app: web.Application):
+        task = asyncio.get_running_loop().create_task(read_replies())
+        yield
+        task.cancel()
+
+    app = web.Application()
+    app.router.add_post(api, handle)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+@click.command()
+@click.option("--port", type=int, required=True)
+@click.option("--redis", "redis_address", required=True)
+@click.option("--stream", required=True)
+@click.option("--api", default="/api/echo")
+@click.option("--reuse-port", is_flag=True)
+def main(port: int, redis_address: str, stream: str, api: str, reuse_port: bool) -> None:
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    web.run_app(make_app(f"redis://{redis_address}", stream, api), host="127.0.0.1", port=port,
+                print=None, access_log=None, reuse_port=reuse_port or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""goinfer's end-to-end benchmark: one command starts Redis and the tiers, drives load, prints a table.
+
+    python -m benchmarks.run                      # everything, 10 s per point
+    python -m benchmarks.run --duration 5 --only echo-sha256,baseline
+
+Load comes from wrk when it is installed (bodies pre-signed once, so the client costs little),
+else from a built-in asyncio generator. Every point checks the answers: a response whose code is
+not 0 counts as an error and is reported. All points of one run share the machine, so compare
+ratios within a run, not numbers across machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from goinfer.client import signed_body
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_ID = "3EA25569454745D01219080B779F021F"
+APP_SECRET = "41DF0E6AE27B5282C07EF5124642A352"
+SM2_KEY = "JShsBOJL0RgPAoPttEB1hgtPAvCikOl0V1oTOYL7k5U="
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open(os.getenv("GOINFER_BENCH_BODY"), "rb")
+wrk.body = f:read("*all")
+f:close()
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) bad = 0 end
+function response(status, headers, body)
+  if status ~= 200 or not string.find(body, '"code":0,', 1, true) then bad = bad + 1 end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do total = total + t:get("bad") end
+  io.write(string.format("GOINFER_BAD %d\n", total))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Point:
+    scenario: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    note: str = ""
+
+
+@dataclass
+class Service:
+    """Redis plus whatever tiers a scenario started; everything is stopped on exit."""
+
+    folder: Path
+    redis_port: int
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, *args: str, env: dict[str, str] | None = None, log_name: str = "proc") -> subprocess.Popen:
+        log = open(self.folder / f"{log_name}-{len(self.processes)}.log", "wb")
+        environment = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                           GOINFER_LOG_LEVEL="WARNING")
+        environment.update(env or {})
+        process = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+                                   env=environment, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def stop_tiers(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+
+@contextmanager
+def redis_service() -> Iterator[Service]:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        sys.exit("redis-server is needed: apt-get install -y redis-server")
+    folder = Path(tempfile.mkdtemp(prefix="goinfer-bench-"))
+    port = free_port()
+    redis = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(folder), "--loglevel", "warning"],
+                             stdout=subprocess.DEVNULL)
+    service = Service(folder, port)
+    try:
+        wait_for(lambda: _tcp_open(port), 10, "redis-server")
+        yield service
+    finally:
+        service.stop_tiers()
+        redis.terminate()
+        redis.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def write_settings(service: Service, name: str, models: list[str], **server: Any) -> tuple[Path, int]:
+    port = free_port()
+    document = {
+        "API": {"Port": port, "Addr": "127.0.0.1", "SM2PrivateKey": SM2_KEY,
+                "AppIdSecret": {APP_ID: APP_SECRET}, "HttpWorkers": server.pop("http_workers", 1)},
+        "Server": {"RedisServer": f"127.0.0.1:{service.redis_port}", "QueueName": f"bench-{name}-",
+                   "RequestQueueAmount": 1, "MessageTimeout": 30, **server},
+        "Models": models,
+    }
+    path = service.folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path, port
+
+
+def wait_http(port: int, path: str, body: bytes, timeout: float = 120) -> None:
+    def answers() -> bool:
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())["code"] == 0
+        except OSError:
+            return False
+
+    wait_for(answers, timeout, f"the service on port {port} to answer")
+
+
+# --- load generators ---------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s)", text.strip())
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+
+def load_wrk(url: str, body: bytes, connections: int, duration: float, folder: Path) -> tuple[float, float, float, int, int]:
+    body_path = folder / f"body-{connections}.json"
+    body_path.write_bytes(body)
+    script = folder / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    threads = 1 if connections < 4 else 2
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s", "--latency",
+         "--timeout", "30s", "-s", str(script), url],
+        capture_output=True, text=True, env=dict(os.environ, GOINFER_BENCH_BODY=str(body_path)), check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    bad = int(re.search(r"GOINFER_BAD (\d+)", out).group(1))
+    errors = re.search(r"Socket errors: (.*)", out)
+    if errors:
+        print(f"    wrk socket errors: {errors.group(1)}", file=sys.stderr)
+    return rps, p50, p99, requests, bad
+
+
+def load_asyncio(url: str, body: bytes, connections: int, duration: float) -> tuple[float, float, float, int, int]:
+    import aiohttp
+
+    latencies: list[float] = []
+    bad = 0
+
+    async def user(session: aiohttp.ClientSession, stop_at: float) -> None:
+        nonlocal bad
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                text = await response.read()
+            latencies.append((time.perf_counter() - started) * 1000)
+            if response.status != 200 or b'"code":0,' not in text:
+                bad += 1
+
+    async def main() -> float:
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            started = time.perf_counter()
+            await asyncio.gather(*(user(session, started + duration) for _ in range(connections)))
+            return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return len(latencies) / elapsed, statistics.median(latencies), p99, len(latencies), bad
+
+
+def drive(service: Service, scenario: str, url: str, body: bytes, connections: int, duration: float,
+          note: str = "") -> Point:
+    if shutil.which("wrk"):
+        rps, p50, p99, requests, bad = load_wrk(url, body, connections, duration, service.folder)
+    else:
+        rps, p50, p99, requests, bad = load_asyncio(url, body, connections, duration)
+    point = Point(scenario, connections, rps, p50, p99, requests, bad, note)
+    print(f"  {scenario:<24} c={connections:<4} {rps:8.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+          f"  errors {bad}", file=sys.stderr)
+    return point
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+GOINFER = [sys.executable, "-m", "goinfer"]
+
+
+def body_for(data: dict, sign_type: str) -> bytes:
+    return signed_body(data, app_id=APP_ID, app_secret=APP_SECRET, sign_type=sign_type, sm2_private_key=SM2_KEY)
+
+
+def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
+    settings, port = write_settings(service, "echo", ["goinfer.models.echo:Echo"],
+                                    MaxWorkers=args.echo_workers, http_workers=args.http_workers)
+    dispatcher = service.start(*GOINFER, "server", "0", "--yaml", str(settings), log_name="server")
+    http = service.start(*GOINFER, "http", "--yaml", str(settings), log_name="http")
+    url = f"http://127.0.0.1:{port}/api/echo"
+    data = {"text": "测试测试", "image": ""}
+    wait_http(port, "/api/echo", body_for(data, "SHA256"))
+    time.sleep(1.0)
+    http_pids = children_of(http.pid) or [http.pid]
+    memory["HTTP process, idle (MB RSS)"] = max(rss_mb(pid) for pid in http_pids)
+    memory["dispatcher parent, idle (MB RSS)"] = rss_mb(dispatcher.pid)
+    for sign_type in ("SHA256", "SM2"):
+        name = f"echo-{sign_type.lower()}"
+        if args.only and name not in args.only:
+            continue
+        for connections in args.connections:
+            points.append(drive(service, name, url, body_for(data, sign_type), connections, args.duration,
+                                f"{args.http_workers} HTTP proc, {args.echo_workers} workers"))
+    if not args.only or "baseline" in args.only:
+        baseline_port = free_port()
+        command = [sys.executable, "-m", "benchmarks.baseline_server", "--port", str(baseline_port),
+                   "--redis", f"127.0.0.1:{service.redis_port}", "--stream", "bench-echo-0"]
+        for _ in range(args.http_workers):
+            service.start(*command, *(["--reuse-port"] if args.http_workers > 1 else []), log_name="baseline")
+        wait_http(baseline_port, "/api/echo", body_for(data, "SHA256"))
+        points.append(drive(service, "baseline-one-hop", f"http://127.0.0.1:{baseline_port}/api/echo",
+                            body_for(data, "SHA256"), 64, args.duration,
+                            f"{args.http_workers} HTTP proc, same dispatcher"))
+    service.stop_tiers()
+
+
+def sleep_scenario(service: Service, args: Any, points: list[Point]) -> None:
+    settings, port = write_settings(service, "sleep", ["benchmarks.models:Sleep10ms"], MaxWorkers=8,
+                                    http_workers=args.http_workers)
+    service.start(*GOINFER, "server", "0", "--yaml", str(settings), log_name="server")
+    service.start(*GOINFER, "http", "--yaml", str(settings), log_name="http")
+    body = body_for({"n": 1}, "SHA256")
+    wait_http(port, "/api/sleep", body)
+    points.append(drive(service, "sleep-10ms", f"http://127.0.0.1:{port}/api/sleep", body, 64,
+                        args.duration, "MaxWorkers 8, ideal 800 req/s"))
+    service.stop_tiers()
+
+
+def print_report(points: list[Point], memory: dict[str, float], args: Any) -> str:
+    lines = [
+        f"goinfer benchmark, {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, load from {'wrk' if shutil.which('wrk') else 'asyncio generator'}, "
+        f"{args.duration:g} s per point, all processes on this one machine",
+        "",
+        "| scenario | conns | req/s | p50 ms | p99 ms | requests | errors | setup |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in points:
+        lines.append(f"| {p.scenario} | {p.connections} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | "
+                     f"{p.requests} | {p.errors} | {p.note} |")
+    by = {(p.scenario, p.connections): p for p in points}
+    ratios = []
+    if ("echo-sm2", 64) in by and ("echo-sha256", 64) in by:
+        ratios.append(("SM2 / SHA256 echo, 64 conns", by["echo-sm2", 64].rps / by["echo-sha256", 64].rps, 0.9))
+    if ("echo-sha256", 64) in by and ("baseline-one-hop", 64) in by:
+        ratios.append(("SHA256 echo / one-hop baseline, 64 conns",
+                       by["echo-sha256", 64].rps / by["baseline-one-hop", 64].rps, 0.8))
+    if ratios:
+        lines += ["", "| ratio | value | target |", "|---|---:|---:|"]
+        lines += [f"| {name} | {value:.2f} | ≥ {target} |" for name, value, target in ratios]
+    if memory:
+        lines += ["", "| memory | MB |", "|---|---:|"]
+        lines += [f"| {name} | {value:.1f} |" for name, value in memory.items()]
+    report = "\n".join(lines)
+    print(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per point (default 10)")
+    parser.add_argument("--connections", default="1,16,64,256", help="echo concurrency levels")
+    parser.add_argument("--http-workers", type=int, default=1, help="goinfer http --workers (default 1)")
+    parser.add_argument("--echo-workers", type=int, default=2, help="MaxWorkers of the echo dispatcher")
+    parser.add_argument("--only", default="", help="comma-separated: echo-sha256,echo-sm2,baseline,sleep")
+    parser.add_argument("--output", help="also write the report (markdown) to this file")
+    args = parser.parse_args(argv)
+    args.connections = [int(c) for c in args.connections.split(",")]
+    args.only = set(filter(None, args.only.split(",")))
+    points: list[Point] = []
+    memory: dict[str, float] = {}
+    with redis_service() as service:
+        if not args.only or args.only & {"echo-sha256", "echo-sm2", "baseline"}:
+            echo_scenarios(service, args, points, memory)
+        if not args.only or "sleep" in args.only:
+            sleep_scenario(service, args, points)
+    report = print_report(points, memory, args)
+    if args.output:
+        Path(args.output).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""What `goinfer call`, `goinfer keygen` and `goinfer check` do, as plain functions.
+
+An operator's first questions after writing a settings file are "is it right?" and "does a signed
+request get through?"; these answer them with the same code the tiers use (settings loader, model
+registry, SM2 key derivation, the client's signing), so a tool that says "ok" means the service
+will agree. Nothing here returns or formats a secret, except `new_keypair`, whose job is to make
+one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import socket
+import urllib.error
+from dataclasses import dataclass
+from typing import Any
+
+from goinfer.client import Client, GoinferError, SignType
+from goinfer.settings import Settings, load_settings
+
+REDIS_CHECK_TIMEOUT_S = 3.0
+# The HTTP tier answers within MessageTimeout (QueueTimeout at worst); wait a little longer.
+CALL_TIMEOUT_MARGIN_S = 5.0
+
+__all__ = [
+    "CheckResult",
+    "KeyPair",
+    "ToolError",
+    "call",
+    "check_clients",
+    "check_models",
+    "check_redis",
+    "check_sm2_key",
+    "client_for",
+    "default_url",
+    "new_keypair",
+    "parse_data",
+    "run_checks",
+]
+
+
+class ToolError(Exception):
+    """A failure shown to the operator as one line; `status` is the exit status to use."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- call ---------------------------------------------------------------------------------------
+
+
+def parse_data(text: str) -> dict[str, Any]:
+    """The request's `data`: a JSON object, as go-infer's API document requires."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object ({{...}}), got {type(value).__name__}")
+    return value
+
+
+def default_url(settings: Settings) -> str:
+    """Where this machine reaches the HTTP tier: API.Addr when it names one address, else loopback."""
+    addr = settings.api.addr.strip()
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        host = addr or "127.0.0.1"  # a host name
+    else:
+        if ip.is_unspecified:
+            host = "127.0.0.1"
+        else:
+            host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"http://{host}:{settings.api.port}"
+
+
+def client_for(settings: Settings, *, url: str | None = None, sign_type: SignType = "SM2",
+               app_id: str | None = None, timeout: float | None = None) -> Client:
+    """A Client with the settings' credentials: the first AppIdSecret entry unless `app_id`.
+
+    For "plain" the first AllowSignPlain appId is the default, since only those may send it.
+    """
+    secrets_by_id = settings.api.app_id_secret
+    if app_id is None:
+        candidates = list(settings.api.allow_sign_plain) if sign_type == "plain" else []
+        candidates += list(secrets_by_id)
+        if not candidates:
+            raise ToolError(f"{settings.path}: API.AppIdSecret has no entries: no appId to sign with", 2)
+        app_id = candidates[0]
+    if sign_type != "plain" and app_id not in secrets_by_id:
+        raise ToolError(f"{settings.path}: appId {app_id} is not in API.AppIdSecret", 2)
+    if sign_type == "SM2" and not settings.api.sm2_private_key:
+        raise ToolError(f"{settings.path}: API.SM2PrivateKey is not set: use --sign SHA256", 2)
+    return Client(
+        url or default_url(settings),
+        app_id,
+        secrets_by_id.get(app_id, ""),
+        sign_type=sign_type,
+        sm2_private_key=settings.api.sm2_private_key or None,
+        timeout=timeout if timeout is not None else settings.server.message_timeout + CALL_TIMEOUT_MARGIN_S,
+    )
+
+
+def call(client: Client, api_path: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The answer's `data`; GoinferError for an error envelope, ToolError when none came back."""
+    where = client.url + api_path
+    try:
+        return client.call(api_path, data)
+    except GoinferError:
+        raise
+    except json.JSONDecodeError:
+        raise ToolError(f"{where} answered with something other than goinfer's JSON envelope "
+                        "(is it a goinfer HTTP tier?)") from None
+    except urllib.error.URLError as exc:  # refused, unknown host, unreachable, connect timeout
+        reason = exc.reason
+        text = getattr(reason, "strerror", None) or str(reason)
+        raise ToolError(f"cannot reach {client.url}: {text}") from None
+    except (TimeoutError, socket.timeout):
+        raise ToolError(f"no answer from {where} within {client.timeout:g}s") from None
+    except (http.client.HTTPException, ConnectionError) as exc:
+        raise ToolError(f"connection to {client.url} failed: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # e.g. a --url that is not http(s)
+        raise ToolError(f"cannot call {where}: {exc}", 2) from None
+
+
+# --- keygen -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A new SM2 key pair in the forms go-infer's settings and clients use."""
+
+    private_b64: str = ""  # API.SM2PrivateKey: base64 of the 32-byte big-endian scalar
+    public_hex: str = ""  # x||y, 128 hex characters (gmssl's CryptSM2 public_key)
+
+    @property
+    def public_hex_04(self) -> str:
+        """The uncompressed point encoding 04||x||y, for tools that want it."""
+        return "04" + self.public_hex
+
+
+def new_keypair() -> KeyPair:
+    """A fresh key from the operating system's random source."""
+    from goinfer.crypto.sm2 import generate_keypair
+
+    private_b64, public_hex = generate_keypair()
+    return KeyPair(private_b64, public_hex)
+
+
+# --- check --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of `goinfer check`: what was checked, whether it passed, and why or what."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        if self.ok:
+            return f"{self.name}: ok" + (f" ({self.detail})" if self.detail else "")
+        return f"{self.name}: FAIL: {self.detail}"
+
+
+def check_models(settings: Settings) -> CheckResult:
+    """The models the `goinfer` command would serve import and define every hook."""
+    from goinfer.models.registry import ModelError, resolve_models
+
+    try:
+        registry = resolve_models(settings.models)
+    except ModelError as exc:
+        return CheckResult("models", False, f"{settings.path}: Models: {exc}")
+    routes = ", ".join(cls.api_path for cls in registry.classes)
+    return CheckResult("models", True, f"{len(registry)}: {routes}")
+
+
+def check_sm2_key(settings: Settings) -> CheckResult:
+    """API.SM2PrivateKey yields a public key (the HTTP tier refuses to start otherwise)."""
+    from goinfer.crypto.sm2 import public_key_from_private_b64, public_key_to_hex
+
+    if not settings.api.sm2_private_key:
+        return CheckResult("SM2 key", True, "not set: requests signed with SM2 will be refused")
+    try:
+        public = public_key_from_private_b64(settings.api.sm2_private_key)
+    except ValueError as exc:  # the messages never contain the key
+        return CheckResult("SM2 key", False, f"{settings.path}: API.SM2PrivateKey: {exc}")
+    return CheckResult("SM2 key", True, f"public key {public_key_to_hex(public, prefix=True)}")
+
+
+def check_clients(settings: Settings) -> CheckResult:
+    """At least one appId can call: without any, every request is refused with SignFail5."""
+    api = settings.api
+    if not api.app_id_secret and not api.allow_sign_plain:
+        return CheckResult("clients", False, f"{settings.path}: API.AppIdSecret has no entries: "
+                                              "every request would be refused")
+    return CheckResult("clients", True, f"{len(api.app_id_secret)} appIds, "
+                                        f"{len(api.allow_sign_plain)} allowed to sign plain")
+
+
+def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> CheckResult:
+    """Redis answers PING with the settings' address and password, within `timeout` seconds."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.exceptions import AuthenticationError, RedisError
+    from redis.retry import Retry
+
+    from goinfer.connections import describe_redis, redis_url
+
+    try:
+        address = describe_redis(settings.server)
+        # goinfer.connections' URL (password, TLS), with a short timeout and no retries.
+        client = redis.Redis.from_url(redis_url(settings.server), socket_connect_timeout=timeout,
+                                      socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    except ValueError as exc:
+        return CheckResult("redis", False, f"{settings.path}: Server.RedisServer: {exc}")
+    try:
+        client.ping()
+        version = client.info("server").get("redis_version", "?")
+    except AuthenticationError as exc:
+        return CheckResult("redis", False, f"{address} refuses Server.RedisPasswd: {exc}")
+    except RedisError as exc:
+        return CheckResult("redis", False, f"{address} does not answer: {exc}")
+    finally:
+        client.close()
+    return CheckResult("redis", True, f"{address}, redis {version}")
+
+
+def run_checks(path: str, redis_timeout: float = REDIS_CHECK_TIMEOUT_S) -> list[CheckResult]:
+    """Every check on one settings file; SettingsError when the file itself is unusable."""
+    settings = load_settings(path)
+    server = settings.server
+    results = [CheckResult("settings", True, f"{path}: API on {settings.api.addr}:{settings.api.port}, "
+                                              f"queues {server.queue_name}0..{server.request_queue_amount - 1}")]
+    results.append(check_clients(settings))
+    results.append(check_models(settings))
+    results.append(check_sm2_key(settings))
+    results.append(check_redis(settings, redis_timeout))
+    return results
+
