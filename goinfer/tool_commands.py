@@ -9,6 +9,7 @@ Exit statuses: 0 success; 1 the request or a check failed; 2 a usage or settings
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import NoReturn
 
@@ -40,7 +41,7 @@ def _fail(message: str, status: int) -> NoReturn:
               help="The request's data, a JSON object.")
 @click.option("--url", default=None, metavar="URL",
               help="The HTTP tier or nginx in front of it [default: http://<API.Addr or 127.0.0.1>:<API.Port>].")
-@click.option("--sign", "sign_type", type=click.Choice(["SM2", "SHA256", "plain"]), default="SM2",
+@click.option("--sign", "sign_type", type=click.Choice(["SM2", "SHA256", "plain"], case_sensitive=False), default="SM2",
               show_default=True, help="How to sign: SM2PrivateKey, the appSecret, or not at all.")
 @_yaml_option
 @click.option("--app-id", default=None, metavar="ID",
@@ -99,8 +100,6 @@ def check_command(yaml_path: str) -> None:
     One line per check; exit status 0 only if all pass (2 if the file itself is unusable).
     Secrets are never printed.
     """
-    import os
-
     from goinfer.logs import setup_logging
     from goinfer.settings import SettingsError
     from goinfer.tools import run_checks

@@ -6,9 +6,9 @@ pooled over real tokens and L2-normalised, so that it reproduces
 sentence-transformers' embeddings (cosine >= 0.9999).
 
 TensorFlow, Keras, numpy and tokenizers are imported lazily, inside the
-functions that need them: the goinfer dispatcher imports model modules in its
-parent process, which then forks workers, and a process that has run any
-TensorFlow op hangs its forked children.
+functions that need them: the HTTP tier and the dispatcher's parent import the
+model module too, and neither should pay for TensorFlow (nor may a process that
+has run any TensorFlow op fork children: they hang).
 
 SavedModel cache: ``python -m examples.embedding.export`` writes the encoder to
 ``default_cache_dir()`` (``$GOINFER_CACHE/minilm-savedmodel`` when

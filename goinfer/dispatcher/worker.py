@@ -32,6 +32,7 @@ from goinfer.settings import Settings
 log = logging.getLogger("goinfer.worker")
 
 READ_BLOCK_MS = 1000
+BATCH_POLL_S = 0.001
 RECONNECT_MAX_S = 5.0
 
 # Exit status of a worker whose models failed to initialise: the supervisor stops on it.
@@ -98,7 +99,7 @@ class Worker:
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 self._try_ensure_groups()
 
-    def _read(self, count: int, block_ms: int) -> list[Pending]:
+    def _read(self, count: int, block_ms: int | None) -> list[Pending]:
         return self._decode(self._redis.xreadgroup(
             CONSUMER_GROUP, self._consumer, {s: ">" for s in self._streams}, count=count, block=block_ms,
         ))
@@ -116,14 +117,22 @@ class Worker:
         return pending
 
     def _fill_batches(self, pending: list[Pending]) -> list[Pending]:
-        """Read again while a batchable model has a partial batch and its timeout allows."""
+        """Read again while a batchable model has a partial batch and its timeout allows.
+
+        Polls without BLOCK: Redis checks short BLOCK timeouts only on its 100 ms cron tick, so
+        a 5 ms BLOCK can last 100 ms.
+        """
         started = time.monotonic()
         while len(pending) < self._read_count:
             counts = Counter(p.job.api for p in pending if p.job is not None)
             remaining = started + wants_more(self._policies, counts) - time.monotonic()
-            if remaining < 0.001:
+            if remaining <= 0:
                 break
-            pending += self._read(self._read_count - len(pending), max(1, int(remaining * 1000)))
+            more = self._read(self._read_count - len(pending), block_ms=None)
+            if more:
+                pending += more
+            else:
+                time.sleep(min(remaining, BATCH_POLL_S))
         return pending
 
     def _process(self, pending: list[Pending]) -> list[tuple[Pending, str | None]]:
@@ -169,6 +178,7 @@ class Worker:
 
     def execute_batch(self, model: Model, jobs: list[Job]) -> list[str]:
         """One infer_batch call for several jobs; a failure of the call answers each of them."""
+        log.debug("infer_batch of %s: batch of %d", type(model).__name__, len(jobs))
         try:
             results = model.infer_batch([(job.id, job.params) for job in jobs])  # type: ignore[attr-defined]
             if not isinstance(results, list) or len(results) != len(jobs):
