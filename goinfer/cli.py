@@ -17,30 +17,16 @@ them to their own click group next to their models (go-infer's `rootCmd.AddComma
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
 
 import click
 
 from goinfer import __version__
 from goinfer.logs import setup_logging
 from goinfer.models.registry import ModelError, ModelRegistry, default_registry, resolve_models
-from goinfer.settings import DEFAULT_SETTINGS_PATH, Settings, SettingsError, load_settings
-
-EXIT_CONFIG = 2
-
-yaml_option = click.option(
-    "--yaml",
-    "yaml_path",
-    default=DEFAULT_SETTINGS_PATH,
-    show_default=True,
-    metavar="PATH",
-    help="The settings file (go-infer's settings.yaml schema).",
-)
-
-
-def _fatal(message: str, status: int = EXIT_CONFIG) -> NoReturn:
-    click.echo(f"goinfer: error: {message}", err=True)
-    sys.exit(status)
+from goinfer.cli_options import fatal as _fatal
+from goinfer.cli_options import yaml_option
+from goinfer.settings import Settings, SettingsError, load_settings
+from goinfer.tool_commands import TOOL_COMMANDS
 
 
 def _load(yaml_path: str) -> Settings:
@@ -148,10 +134,7 @@ def main() -> None:
 
 
 add_commands(main)
-
-from goinfer.tool_commands import TOOL_COMMANDS  # noqa: E402  (operator tools: call, keygen, check)
-
-for _tool in TOOL_COMMANDS:
+for _tool in TOOL_COMMANDS:  # operator tools: call, keygen, check
     main.add_command(_tool)
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ GO_INFER_ERROR_CODES: dict[str, ErrorCode] = {
 
 # Codes for what go-infer does not do (it has no body limit and no such checks).
 GOINFER_ERROR_CODES: dict[str, ErrorCode] = {
+    "QueueFull": ErrorCode(9704, "queue full, try again later"),
+    "DeadLettered": ErrorCode(9705, "request set aside after failing in several workers"),
     "BodyTooLarge": ErrorCode(9710, "request body too large"),
     "MethodNotAllowed": ErrorCode(9711, "method not allowed, use POST"),
+    "BodyTimeout": ErrorCode(9712, "request body not received in time"),
+    "Replayed": ErrorCode(9807, "request already received"),
 }
 
 DEFAULT_ERROR_CODES: dict[str, ErrorCode] = {**GO_INFER_ERROR_CODES, **GOINFER_ERROR_CODES}

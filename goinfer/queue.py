@@ -8,6 +8,7 @@ request id. Messages are JSON, never pickle: Redis content must not be able to r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -19,6 +20,21 @@ JOB_FIELD = "m"
 REPLY_KEY_PREFIX = "goinfer:reply:"
 # A reply list outlives a vanished HTTP process by this long, then Redis frees it.
 REPLY_TTL_S = 300
+
+
+DEAD_LETTER_SUFFIX = ":dead"
+REPLAY_KEY_PREFIX = "goinfer:seen:"
+
+
+def dead_letter_stream(stream: str) -> str:
+    """Where requests that kept killing workers are kept, with the reason, for a person to see."""
+    return f"{stream}{DEAD_LETTER_SUFFIX}"
+
+
+def replay_key(app_id: str, sign_data: str) -> str:
+    """One key per signature; hashed, so a huge signData cannot make a huge key."""
+    digest = hashlib.sha256(sign_data.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{REPLAY_KEY_PREFIX}{app_id}:{digest}"
 
 
 def stream_name(queue_base: str, index: int) -> str:

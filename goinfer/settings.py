@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
@@ -48,6 +47,9 @@ class ApiSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_json_depth: int = 512
     http_workers: int = 1
+    body_read_timeout_s: float = 30.0
+    reject_replay: bool = False
+    shutdown_drain_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class ServerSettings:
     max_workers: int = 8
     batch_size: int = 16
     batch_timeout_ms: float = 5.0
+    max_queue_length: int = 10000
+    claim_idle_ms: int = 3000
+    max_deliveries: int = 3
+    shutdown_grace_s: float = 30.0
+    dead_letter_max_length: int = 10000
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,12 @@ def _string(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {_shown(value)}")
+    return value
+
+
 def _string_map(value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -167,6 +180,9 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
     "MaxBodyBytes": ("max_body_bytes", _int(1024)),
     "MaxJsonDepth": ("max_json_depth", _int(2, 10000)),
     "HttpWorkers": ("http_workers", _int(1, 256)),
+    "BodyReadTimeoutS": ("body_read_timeout_s", _number(positive=True)),
+    "RejectReplay": ("reject_replay", _bool),
+    "ShutdownDrainS": ("shutdown_drain_s", _number()),
 }
 
 _SERVER_KEYS: dict[str, tuple[str, Check]] = {
@@ -178,6 +194,11 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "MaxWorkers": ("max_workers", _int(1, 1024)),
     "BatchSize": ("batch_size", _int(1, 4096)),
     "BatchTimeoutMs": ("batch_timeout_ms", _number()),
+    "MaxQueueLength": ("max_queue_length", _int(1)),
+    "ClaimIdleMs": ("claim_idle_ms", _int(500)),
+    "MaxDeliveries": ("max_deliveries", _int(1, 100)),
+    "ShutdownGraceS": ("shutdown_grace_s", _number()),
+    "DeadLetterMaxLength": ("dead_letter_max_length", _int(1)),
 }
 
 _SECTIONS = ("API", "Server", "ErrCode", "Customer", "Models")
@@ -280,11 +301,6 @@ def _warn_unknown(path: str, prefix: str, raw: dict, known) -> None:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             log.warning("%s: %s%s: unknown key, ignored%s", path, prefix, key, hint)
-
-
-def settings_from_env_or(path: str | None) -> str:
-    """The settings path to use: the option, else $GOINFER_SETTINGS, else go-infer's default."""
-    return path or os.environ.get("GOINFER_SETTINGS") or DEFAULT_SETTINGS_PATH
 
 
 def describe(settings: Settings) -> dict[str, Any]:

@@ -11,28 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import NoReturn
 
 import click
 
-from goinfer.settings import DEFAULT_SETTINGS_PATH
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-
-_yaml_option = click.option(
-    "--yaml",
-    "yaml_path",
-    default=DEFAULT_SETTINGS_PATH,
-    show_default=True,
-    metavar="PATH",
-    help="The settings file (go-infer's settings.yaml schema).",
-)
-
-
-def _fail(message: str, status: int) -> NoReturn:
-    click.echo(f"goinfer: error: {message}", err=True)
-    sys.exit(status)
+from goinfer.cli_options import EXIT_CONFIG, EXIT_FAILED
+from goinfer.cli_options import fatal as _fail
+from goinfer.cli_options import yaml_option as _yaml_option
 
 
 @click.command("call")

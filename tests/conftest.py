@@ -113,6 +113,7 @@ def write_settings(folder: Path, redis_address: str, *, name: str = "settings.ya
             "AppIdSecret": {APP_ID: APP_SECRET, PLAIN_APP_ID: PLAIN_APP_SECRET},
             "RequestTimestampDiff": 300,
             "AllowSignPlain": [PLAIN_APP_ID],
+            "ShutdownDrainS": 0.2,  # tests stop many tiers; test_reliability checks the drain
         },
         "Server": {
             "RedisServer": redis_address,

@@ -153,3 +153,21 @@ class Batcher(Model):
             else {"batch": len(batch), "i": params.get("i"), "request_id": request_id}
             for request_id, params in batch
         ]
+
+
+class Crasher(Model):
+    """Kills its worker process outright for a request that says so: a poison request."""
+
+    api_path = "/api/crash"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("crash"):
+            os._exit(17)
+        time.sleep(float(params.get("sleep", 0)))
+        return {"ok": True}

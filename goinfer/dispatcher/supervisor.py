@@ -21,7 +21,6 @@ from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.dispatcher")
 
-STOP_GRACE_S = 30.0
 WATCH_INTERVAL_S = 0.5
 
 
@@ -118,11 +117,12 @@ class Supervisor:
         for process in self._workers.values():
             if process.is_alive():
                 process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
+        grace = self._settings.server.shutdown_grace_s
+        deadline = time.monotonic() + grace
         for process in self._workers.values():
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.warning("worker pid %s did not stop in %.0fs; killing it", process.pid, STOP_GRACE_S)
+                log.warning("worker pid %s did not stop in %.0fs; killing it", process.pid, grace)
                 process.kill()
                 process.join()
 

@@ -26,13 +26,16 @@ from goinfer.errors import ApiError
 from goinfer.logs import setup_logging
 from goinfer.models.base import Model
 from goinfer.models.registry import ModelRegistry, instantiate
-from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, Reply, stream_name
+from goinfer.dispatcher.reclaim import InFlightKeeper, find_stale, forget_gone_consumers
+from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, Reply, dead_letter_stream, stream_name
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.worker")
 
 READ_BLOCK_MS = 1000
 BATCH_POLL_S = 0.001
+RECLAIM_INTERVAL_S = 1.0
+FORGET_INTERVAL_S = 60.0
 RECONNECT_MAX_S = 5.0
 
 # Exit status of a worker whose models failed to initialise: the supervisor stops on it.
@@ -50,7 +53,7 @@ def queue_streams(settings: Settings, queue_index: int, models: Mapping[str, Mod
 class Pending:
     """An entry taken from a stream: its job, or None when the entry is unreadable."""
 
-    stream: bytes | str
+    stream: str
     entry_id: bytes
     job: Job | None
 
@@ -68,6 +71,15 @@ class Worker:
         self._policies = batch_policies(settings.server, self._models)
         self._read_count = max((p.size for p in self._policies.values()), default=1)
         self._infer_fail = settings.error("InferFail")
+        server = settings.server
+        self._claim_idle_ms = server.claim_idle_ms
+        self._max_deliveries = server.max_deliveries
+        self._dead_max = server.dead_letter_max_length
+        self._keeper = InFlightKeeper(sync_client(server), consumer, stuck_after_s=server.message_timeout)
+        self._next_reclaim = 0.0
+        self._next_forget = 0.0
+        self.dropped_expired = 0
+        self.dead_lettered = 0
         self.stopping = False
 
     def run(self) -> None:
@@ -76,17 +88,25 @@ class Worker:
         log.info("worker %s reading %s%s", self._consumer, ", ".join(self._streams),
                  f"; batching {batching}" if batching else "")
         self._ensure_groups()
+        self._keeper.start()
         delay = 0.1
-        pending: list[Pending] = []
+        # First what this worker's previous incarnation had taken when it died.
+        pending: list[Pending] = self._reclaim(own=True)
         while pending or not self.stopping:  # entries already taken are finished before stopping
             try:
+                if not pending and time.monotonic() >= self._next_reclaim:
+                    self._next_reclaim = time.monotonic() + RECLAIM_INTERVAL_S
+                    pending = self._reclaim(own=False)
                 if not pending:
                     pending = self._read(self._read_count, READ_BLOCK_MS)
                 if pending and self._policies:
                     pending = self._fill_batches(pending)
                 if pending:
+                    self._keeper.track(_ids_by_stream(pending), max(p.job.deadline for p in pending if p.job)
+                                       if any(p.job for p in pending) else time.time())
                     # The last replies and the next read share one round trip to Redis.
                     pending = self._finish(self._process(pending), read_next=not self.stopping)
+                    self._keeper.clear()
                 delay = 0.1
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -105,16 +125,51 @@ class Worker:
         ))
 
     def _decode(self, batch: Any) -> list[Pending]:
-        pending = []
-        for stream, entries in batch or ():
-            for entry_id, fields in entries:
-                try:
-                    job = Job.decode(fields[JOB_FIELD.encode()])
-                except (KeyError, ValueError, TypeError) as exc:
-                    log.error("dropping malformed entry %s on %s: %s", entry_id, stream, exc)
-                    job = None
-                pending.append(Pending(stream, entry_id, job))
-        return pending
+        return [_pending(stream, entry_id, fields) for stream, entries in batch or () for entry_id, fields in entries]
+
+    def _reclaim(self, own: bool) -> list[Pending]:
+        """Claim entries of dead workers (or, at start, this worker's own); set poison aside."""
+        min_idle = 0 if own else self._claim_idle_ms
+        try:
+            stale = find_stale(self._redis, self._streams, min_idle, consumer=self._consumer if own else None)
+            if not own and time.monotonic() >= self._next_forget:
+                self._next_forget = time.monotonic() + FORGET_INTERVAL_S
+                forget_gone_consumers(self._redis, self._streams)
+        except ResponseError:
+            return []  # the group is (re)created by the read that follows
+        if not stale:
+            return []
+        deliveries = {(s.stream, s.entry_id): s.deliveries for s in stale}
+        reclaimed: list[Pending] = []
+        for stream in {s.stream for s in stale}:
+            ids = [s.entry_id for s in stale if s.stream == stream]
+            for entry_id, fields in self._redis.xclaim(stream, CONSUMER_GROUP, self._consumer, min_idle, ids):
+                if fields is None:
+                    continue  # deleted meanwhile
+                item = _pending(stream, entry_id, fields)
+                count = deliveries[(stream, entry_id)]
+                if count >= self._max_deliveries:
+                    self._dead_letter(item, fields, count)
+                else:
+                    log.warning("running again request %s, taken by a worker that died or hung (delivery %d)",
+                                item.job.id if item.job else entry_id, count + 1)
+                    reclaimed.append(item)
+        return reclaimed
+
+    def _dead_letter(self, item: Pending, fields: Mapping[bytes, bytes], deliveries: int) -> None:
+        reason = f"delivered {deliveries} times without an answer: it killed or hung the workers that took it"
+        log.error("setting aside request %s on %s: %s", item.job.id if item.job else item.entry_id,
+                  item.stream, reason)
+        self.dead_lettered += 1
+        self._redis.xadd(dead_letter_stream(_text(item.stream)),
+                         {JOB_FIELD: fields.get(JOB_FIELD.encode(), b""), "reason": reason,
+                          "deliveries": deliveries, "at": f"{time.time():.3f}"},
+                         maxlen=self._dead_max, approximate=True)
+        reply = None
+        if item.job is not None:
+            error = self._settings.error("DeadLettered")
+            reply = Reply(item.job.id, error.code, error.msg).encode()
+        self._finish([(item, reply)])
 
     def _fill_batches(self, pending: list[Pending]) -> list[Pending]:
         """Read again while a batchable model has a partial batch and its timeout allows.
@@ -142,6 +197,7 @@ class Worker:
         for item in pending:
             if item.job is None or item.job.expired():
                 if item.job is not None:
+                    self.dropped_expired += 1
                     log.warning("dropping request %s: its client was already answered with QueueTimeout",
                                 item.job.id)
                 unsent.append((item, None))
@@ -239,8 +295,30 @@ class Worker:
         return self._decode(results[-1]) if read_next else []
 
 
+def _pending(stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Pending:
+    try:
+        job: Job | None = Job.decode(fields[JOB_FIELD.encode()])
+    except (KeyError, ValueError, TypeError) as exc:
+        log.error("dropping malformed entry %s on %s: %s", entry_id, stream, exc)
+        job = None
+    return Pending(_text(stream), entry_id, job)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ids_by_stream(pending: list[Pending]) -> dict[str, list[bytes]]:
+    grouped: dict[str, list[bytes]] = {}
+    for item in pending:
+        grouped.setdefault(_text(item.stream), []).append(item.entry_id)
+    return grouped
+
+
 def consumer_name(worker_index: int) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{worker_index}"
+    """Stable across restarts of one worker slot (the supervisor's pid and the slot), so a
+    restarted worker finds and finishes what its previous incarnation had taken."""
+    return f"{socket.gethostname()}:{os.getppid()}:{worker_index}"
 
 
 def worker_process_main(settings: Settings, queue_index: int, model_paths: list[str],

@@ -7,23 +7,33 @@ becomes a traceback or a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Mapping
 
 from aiohttp import web
 
 from goinfer.errors import ApiError
 from goinfer.http import envelope
-from goinfer.http.queue_client import QueueClient, ReplyTimeout, SendFailure
+from goinfer.http.queue_client import QueueClient, QueueFull, Replayed, ReplyTimeout, SendFailure
 from goinfer.http.signing import SignatureChecker, SignCheckFailure
 from goinfer.models.base import NOAPI_PREFIX, Model
-from goinfer.queue import Job, choose_stream
+from goinfer.queue import Job, choose_stream, replay_key
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
 
+@dataclass
+class TierState:
+    """What the HTTP tier's own endpoints report; `draining` is set when a shutdown begins."""
+
+    draining: bool = False
+
+
 QUEUE_CLIENT = web.AppKey("queue_client", QueueClient)
+TIER_STATE = web.AppKey("tier_state", TierState)
 
 
 class ApiHandler:
@@ -40,6 +50,11 @@ class ApiHandler:
         server = settings.server
         self._queue_amount = server.request_queue_amount
         self._default_queue = server.queue_name
+        self._max_queue = server.max_queue_length
+        self._reject_replay = settings.api.reject_replay
+        # A signature can be replayed while its timestamp is accepted: either side of "now".
+        self._replay_ttl = int(2 * settings.api.request_timestamp_diff) + 1
+        self._body_timeout = settings.api.body_read_timeout_s
 
     def _fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
               status: int = 200) -> web.Response:
@@ -74,11 +89,16 @@ class ApiHandler:
             return self._fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
 
         stream = choose_stream(model.queue or self._default_queue, self._queue_amount)
+        replay = replay_key(app_id, signed.sign_data) if self._reject_replay else None
         try:
-            reply = await self._queue.submit(stream, request_id, payload, self._timeout)
+            reply = await self._queue.submit(stream, request_id, payload, self._timeout, replay, self._replay_ttl)
         except SendFailure as exc:
             log.warning("cannot queue request %s on %s: %s", request_id, stream, exc)
             return self._fail("SendMsgFail", app_id, request_id, str(exc))
+        except QueueFull:
+            return self._fail("QueueFull", app_id, request_id, f"{stream} holds {self._max_queue} requests")
+        except Replayed:
+            return self._fail("Replayed", app_id, request_id)
         except ReplyTimeout:
             return self._fail("QueueTimeout", app_id, request_id)
         if reply.code != 0:
@@ -96,9 +116,11 @@ class ApiHandler:
         if length is not None and length > self._max_body:
             return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
         try:
-            return await request.read()
+            return await asyncio.wait_for(request.read(), self._body_timeout)
         except web.HTTPRequestEntityTooLarge:
             return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+        except asyncio.TimeoutError:
+            return self._fail("BodyTimeout", detail=f"{self._body_timeout:g}s", status=408)
 
     async def not_found(self, request: web.Request) -> web.Response:
         if request.path in self._models:
@@ -118,6 +140,14 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     # aiohttp enforces the body limit itself too; +1 so our own check answers first.
     app = web.Application(client_max_size=settings.api.max_body_bytes + 1)
     app[QUEUE_CLIENT] = queue
+    state = app[TIER_STATE] = TierState()
+
+    async def close_connections_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+        # Clients and proxies move to another tier instead of reusing a connection that will close.
+        if state.draining:
+            response.force_close()
+
+    app.on_response_prepare.append(close_connections_while_draining)
     app.router.add_get("/", hello)
     for path in routed:
         app.router.add_post(path, handler.post)

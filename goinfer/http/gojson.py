@@ -110,13 +110,31 @@ def _check_depth(text: str, max_depth: int) -> None:
 
 
 def _replace_lone_surrogates(value: Any) -> Any:
-    """Go decodes an unpaired \\ud800 escape to U+FFFD; Python keeps an unencodable surrogate."""
+    """Go decodes an unpaired \\ud800 escape to U+FFFD; Python keeps an unencodable surrogate.
+
+    Iterative, in place on the freshly decoded value: a recursive walk (two Python frames per
+    level on 3.11) hit RecursionError at ~495 levels, inside MaxJsonDepth, and answered 500.
+    """
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_replace_lone_surrogates(item) for item in value]
-    if isinstance(value, dict):
-        return {_SURROGATE.sub("\ufffd", k): _replace_lone_surrogates(v) for k, v in value.items()}
+    stack = [value] if isinstance(value, (list, dict)) else []
+    while stack:
+        container = stack.pop()
+        if isinstance(container, list):
+            for index, item in enumerate(container):
+                if isinstance(item, str):
+                    container[index] = _SURROGATE.sub("\ufffd", item)
+                elif isinstance(item, (list, dict)):
+                    stack.append(item)
+        else:
+            items = list(container.items())
+            container.clear()
+            for key, item in items:  # keys that become equal: the last one wins, as in Go
+                if isinstance(item, str):
+                    item = _SURROGATE.sub("\ufffd", item)
+                elif isinstance(item, (list, dict)):
+                    stack.append(item)
+                container[_SURROGATE.sub("\ufffd", key)] = item
     return value
 
 
@@ -137,20 +155,41 @@ def go_escapes(encoded: str) -> str:
 
 
 def _marshal_walk(value: Any) -> str:
-    if isinstance(value, dict):
-        items = sorted(value.items())
-        return "{" + ",".join(f"{_string(k)}:{_marshal_walk(v)}" for k, v in items) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(_marshal_walk(item) for item in value) + "]"
-    if isinstance(value, str):
-        return _string(value)
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if value is None:
-        return "null"
-    return go_json_number(float(value))
+    # Iterative: the recursive walk (a frame plus a generator frame per level) raised
+    # RecursionError from ~330 levels of nesting holding a float, well inside MaxJsonDepth (512),
+    # and the HTTP tier answered 500 with a traceback. Work items are (is_text, item).
+    out: list[str] = []
+    work: list[tuple[bool, Any]] = [(False, value)]
+    while work:
+        is_text, item = work.pop()
+        if is_text:
+            out.append(item)
+        elif isinstance(item, dict):
+            items = sorted(item.items())
+            work.append((True, "}"))
+            for index in range(len(items) - 1, -1, -1):
+                key, child = items[index]
+                work.append((False, child))
+                work.append((True, ("," if index else "") + _string(key) + ":"))
+            work.append((True, "{"))
+        elif isinstance(item, list):
+            work.append((True, "]"))
+            for index in range(len(item) - 1, -1, -1):
+                work.append((False, item[index]))
+                if index:
+                    work.append((True, ","))
+            work.append((True, "["))
+        elif isinstance(item, str):
+            out.append(_string(item))
+        elif item is True:
+            out.append("true")
+        elif item is False:
+            out.append("false")
+        elif item is None:
+            out.append("null")
+        else:
+            out.append(go_json_number(float(item)))
+    return "".join(out)
 
 
 def _string(text: str) -> str:

@@ -23,8 +23,31 @@ DRAIN_BATCH = 256
 RECONNECT_MAX_S = 2.0
 
 
+# One round trip, atomic: refuse a replayed signature, refuse when the queue is full, else queue.
+ENQUEUE_SCRIPT = """
+if #KEYS > 1 and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  return -2
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  if #KEYS > 1 then redis.call('DEL', KEYS[2]) end
+  return -1
+end
+redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[2])
+return 1
+"""
+QUEUED, QUEUE_FULL, REPLAYED = 1, -1, -2
+
+
 class SendFailure(Exception):
     """The job could not be put on the queue (Redis unreachable or refusing)."""
+
+
+class QueueFull(Exception):
+    """The queue already holds MaxQueueLength requests; refused at once instead of timing out."""
+
+
+class Replayed(Exception):
+    """The same signature was seen within the timestamp window (RejectReplay)."""
 
 
 class ReplyTimeout(Exception):
@@ -41,6 +64,8 @@ class QueueClient:
         self._reader_redis: redis.asyncio.Redis = async_client(server, blocking=True)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._enqueue = self._redis.register_script(ENQUEUE_SCRIPT)
+        self._max_length = str(server.max_queue_length)
 
     async def start(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
@@ -61,17 +86,26 @@ class QueueClient:
         await self._redis.aclose()
         await self._reader_redis.aclose()
 
-    async def submit(self, stream: str, job_id: str, payload: str, timeout: float) -> Reply:
-        """Queue an encoded Job and wait for its reply; SendFailure or ReplyTimeout otherwise."""
+    async def submit(self, stream: str, job_id: str, payload: str, timeout: float,
+                     replay_key: str | None = None, replay_ttl_s: int = 0) -> Reply:
+        """Queue an encoded Job and wait for its reply.
+
+        Raises SendFailure, QueueFull, Replayed (when `replay_key` was already set) or ReplyTimeout.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._waiting[job_id] = future
         timer = loop.call_later(timeout, _expire, future)
+        keys = [stream, replay_key] if replay_key else [stream]
         try:
             try:
-                await self._redis.xadd(stream, {JOB_FIELD: payload})
+                outcome = await self._enqueue(keys=keys, args=[self._max_length, payload, replay_ttl_s, JOB_FIELD])
             except (RedisError, OSError) as exc:
                 raise SendFailure(str(exc) or type(exc).__name__) from None
+            if outcome == QUEUE_FULL:
+                raise QueueFull()
+            if outcome == REPLAYED:
+                raise Replayed()
             return await future
         finally:
             timer.cancel()

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from aiohttp import web
 
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
-from goinfer.http.app import create_app
+from goinfer.http.app import TIER_STATE, create_app
 from goinfer.http.queue_client import QueueClient
 from goinfer.http.signing import SignatureChecker
 from goinfer.logs import setup_logging
@@ -50,19 +50,33 @@ def build_app(settings: Settings, registry: ModelRegistry,
 def run_http(settings: Settings, registry: ModelRegistry, reuse_port: bool = False) -> None:
     """Serve the API on the settings' Addr:Port; returns after a clean shutdown."""
     _use_uvloop()
-    app = build_app(settings, registry)
-    routes = [m.api_path for m in registry.classes]
-    log.info("HTTP tier on %s:%d serving %s", settings.api.addr, settings.api.port, ", ".join(routes))
-    web.run_app(
-        app,
-        host=settings.api.addr,
-        port=settings.api.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=min(SHUTDOWN_GRACE_S, settings.server.message_timeout + 1),
-        handle_signals=True,
-        reuse_port=reuse_port or None,
-    )
+    asyncio.run(_serve(settings, build_app(settings, registry), registry, reuse_port))
+
+
+async def _serve(settings: Settings, app: web.Application, registry: ModelRegistry, reuse_port: bool) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: answer with `Connection: close` for
+    ShutdownDrainS (longer than a proxy's idle keep-alive, so no idle connection is left to
+    race with), stop listening, and let the requests in flight finish."""
+    api = settings.api
+    grace = min(SHUTDOWN_GRACE_S, settings.server.message_timeout + 1)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, api.addr, api.port, reuse_port=reuse_port or None, backlog=1024,
+                          shutdown_timeout=grace).start()
+        routes = [m.api_path for m in registry.classes]
+        log.info("HTTP tier on %s:%d serving %s", api.addr, api.port, ", ".join(routes))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        app[TIER_STATE].draining = True
+        if api.shutdown_drain_s > 0:
+            log.info("stopping: draining connections for %.1fs", api.shutdown_drain_s)
+            await asyncio.sleep(api.shutdown_drain_s)
+    finally:
+        await runner.cleanup()
     log.info("HTTP tier stopped")
 
 

@@ -45,6 +45,7 @@ class SignedRequest:
     app_id: str
     data: dict[str, Any]
     sign_type: str
+    sign_data: str
 
 
 class SignatureChecker:
@@ -95,12 +96,12 @@ class SignatureChecker:
             raise SignCheckFailure("SignFail6")
 
         if sign_type == "plain" and app_id in self._allow_plain:
-            return SignedRequest(app_id, data, sign_type)
+            return SignedRequest(app_id, data, sign_type, sign_data)
         if sign_type not in ("SHA256", "SM2"):
             raise SignCheckFailure("SignFail3")
         for sign_string in _strings_to_sign(fields, parsed, timestamp_int, secret):
             if self._signature_matches(sign_type, sign_string.encode("utf-8"), sign_data):
-                return SignedRequest(app_id, data, sign_type)
+                return SignedRequest(app_id, data, sign_type, sign_data)
         raise SignCheckFailure("SignFail")
 
     def _signature_matches(self, sign_type: str, message: bytes, sign_data: str) -> bool:
