@@ -327,14 +327,12 @@ def test_nginx_answers_oversized_bodies_with_the_envelope(tmp_path, redis_server
 
 
 @needs_nginx
-@pytest.mark.xfail(strict=False, reason=(
-    "known race: on SIGTERM the HTTP tier (aiohttp's shutdown) closes idle keep-alive connections "
-    "at once and drops a request nginx writes on one at that moment; nginx answers 502 and, "
-    "rightly, does not retry a POST it has sent. Needs a drain period in goinfer/http/server.py."))
 def test_stopping_a_tier_under_load_loses_nothing(tmp_path, redis_server, processes):
     """SIGTERM to a tier while nginx sends it requests: every request must still be answered."""
     server = {"MaxWorkers": 2, "QueueName": f"deploy-{uuid.uuid4().hex[:10]}-"}
-    settings = [write_settings(tmp_path, redis_server.address, name=f"http{n}.yaml", Models=MODELS, Server=server)
+    # The drain outlasts nginx's upstream keepalive_timeout (4 s): see deploy/nginx.conf.
+    settings = [write_settings(tmp_path, redis_server.address, name=f"http{n}.yaml", Models=MODELS, Server=server,
+                               API={"ShutdownDrainS": 5})
                 for n in (1, 2)]
     processes.server(settings[0])
     tiers = [processes.http(path) for path in settings]

@@ -203,3 +203,47 @@ def test_slow_body_times_out(tmp_path, redis_server, processes):
         answer = sock.recv(65536)
     assert 0.9 < time.monotonic() - started < 5
     assert answer.startswith(b"HTTP/1.1 408") and b'"code":9712' in answer
+
+
+def test_keep_alive_clients_lose_nothing_when_the_tier_stops(tmp_path, redis_server, processes):
+    """During ShutdownDrainS every answer says Connection: close, so no client (or proxy) is left
+    with an idle keep-alive connection to write a request on as the tier stops listening."""
+    import http.client
+
+    settings = write_settings(tmp_path, redis_server.address, Models=MODELS, API={"ShutdownDrainS": 2})
+    processes.server(settings)
+    tier = processes.http(settings)
+    port = settings_of(settings)["API"]["Port"]
+    body = signed_body({"a": 1}, app_id=APP_ID, app_secret=APP_SECRET, sign_type="SHA256")
+    failures: list[str] = []
+    closes = Counter()
+    stop = threading.Event()
+
+    def user() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while not stop.is_set():
+            try:
+                connection.request("POST", "/api/echo", body=body)
+                response = connection.getresponse()
+                assert b'"code":0,' in response.read()
+                if (response.getheader("Connection") or "").lower() == "close":
+                    closes["close"] += 1
+                    connection.close()
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            except ConnectionRefusedError:
+                return  # the tier stopped listening after the drain: nothing was sent
+            except Exception as exc:  # noqa: BLE001 - any other failure is a lost request
+                failures.append(repr(exc))
+                return
+
+    users = [threading.Thread(target=user) for _ in range(6)]
+    for thread in users:
+        thread.start()
+    time.sleep(1.0)
+    tier.process.send_signal(signal.SIGTERM)
+    assert tier.process.wait(30) == 0
+    stop.set()
+    for thread in users:
+        thread.join(15)
+    assert not failures, failures
+    assert closes["close"] > 0

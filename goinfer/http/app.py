@@ -137,17 +137,22 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     """The aiohttp application of one HTTP process; the queue client starts and stops with it."""
     routed = {path: model for path, model in models.items() if not path.startswith(NOAPI_PREFIX)}
     handler = ApiHandler(settings, routed, checker, queue)
-    # aiohttp enforces the body limit itself too; +1 so our own check answers first.
-    app = web.Application(client_max_size=settings.api.max_body_bytes + 1)
-    app[QUEUE_CLIENT] = queue
-    state = app[TIER_STATE] = TierState()
+    state = TierState()
 
-    async def close_connections_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    @web.middleware
+    async def close_connections_while_draining(request: web.Request, handler) -> web.StreamResponse:
         # Clients and proxies move to another tier instead of reusing a connection that will close.
+        # (In a middleware: force_close() in on_response_prepare drops the response instead.)
+        response = await handler(request)
         if state.draining:
             response.force_close()
+        return response
 
-    app.on_response_prepare.append(close_connections_while_draining)
+    # aiohttp enforces the body limit itself too; +1 so our own check answers first.
+    app = web.Application(client_max_size=settings.api.max_body_bytes + 1,
+                          middlewares=[close_connections_while_draining])
+    app[QUEUE_CLIENT] = queue
+    app[TIER_STATE] = state
     app.router.add_get("/", hello)
     for path in routed:
         app.router.add_post(path, handler.post)

@@ -88,7 +88,9 @@ def parse_request_body(body: bytes, max_depth: int) -> ParsedBody:
     except GoJsonError:
         raise
     except RecursionError:
-        raise GoJsonError(f"JSON nested deeper than {max_depth} levels") from None
+        # Python's recursion limit, not max_depth, stopped it (MaxJsonDepth may be set up to
+        # 10000 but ~970 levels is what json.loads reaches here): don't blame max_depth.
+        raise GoJsonError("JSON nested too deeply for this server to decode") from None
     except ValueError as exc:  # JSONDecodeError and int() digit limits
         raise GoJsonError(f"invalid JSON: {exc}") from None
     if _LONE_SURROGATE_ESCAPE.search(text):

@@ -99,9 +99,15 @@ class SignatureChecker:
             return SignedRequest(app_id, data, sign_type, sign_data)
         if sign_type not in ("SHA256", "SM2"):
             raise SignCheckFailure("SignFail3")
-        for sign_string in _strings_to_sign(fields, parsed, timestamp_int, secret):
-            if self._signature_matches(sign_type, sign_string.encode("utf-8"), sign_data):
-                return SignedRequest(app_id, data, sign_type, sign_data)
+        try:
+            for sign_string in _strings_to_sign(fields, parsed, timestamp_int, secret):
+                if self._signature_matches(sign_type, sign_string.encode("utf-8"), sign_data):
+                    return SignedRequest(app_id, data, sign_type, sign_data)
+        except RecursionError:
+            # json.dumps (C, but counted against the recursion limit) re-encodes what the parser
+            # just accepted, a few frames deeper: with MaxJsonDepth set near 1000 a body at the
+            # edge raised here and answered 500. Refuse it as too deep, as the parser would.
+            raise SignCheckFailure("SignFail1", "JSON nested too deeply to check") from None
         raise SignCheckFailure("SignFail")
 
     def _signature_matches(self, sign_type: str, message: bytes, sign_data: str) -> bool:
