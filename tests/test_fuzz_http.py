@@ -68,7 +68,8 @@ class Service:
 def service(tmp_path_factory, redis_server) -> Iterator[Service]:
     folder = tmp_path_factory.mktemp("fuzz-http")
     settings = write_settings(folder, redis_server.address,
-                              API={"MaxBodyBytes": MAX_BODY, "BodyReadTimeoutS": BODY_TIMEOUT_S},
+                              API={"MaxBodyBytes": MAX_BODY, "BodyReadTimeoutS": BODY_TIMEOUT_S,
+                                   "RejectReplay": True},
                               Server={"MaxWorkers": 1}, Models=["goinfer.models.echo:Echo"])
     factory = ProcessFactory(folder)
     try:
@@ -297,11 +298,12 @@ def test_hostile_bodies(service):
             one(service, post(ECHO, body), f"signData {junk[:30]!r}", status=200, code=9800)
             sent += 1
     # Content types do not matter: the body is what is checked.
-    for content_type in [b"text/plain", b"multipart/form-data; boundary=zz", b"application/x-www-form-urlencoded",
-                         b"application/json; charset=latin-1", b"\xff\xfe/\x00"[:3], b"a" * 4000]:
+    for index, content_type in enumerate([b"text/plain", b"multipart/form-data; boundary=zz",
+                                          b"application/x-www-form-urlencoded", b"application/json; charset=latin-1",
+                                          b"\xff\xfe/", b"a" * 4000]):
         one(service, post(ECHO, b"not json", b"Content-Type: " + content_type + b"\r\n"),
             f"content-type {content_type[:30]!r}", status=200, code=9801)
-        one(service, post(ECHO, sign({"ct": 1}), b"Content-Type: " + content_type + b"\r\n"),
+        one(service, post(ECHO, sign({"ct": index}), b"Content-Type: " + content_type + b"\r\n"),
             f"signed, content-type {content_type[:30]!r}", status=200, bad=False, code=0)
         sent += 2
     # Over the limit: refused before the body is read, by Content-Length or while reading chunks.
@@ -345,6 +347,23 @@ def _surrogate_body() -> bytes:
     message = go_sign_string(fields, True, fields["timestamp"], APP_SECRET).encode()
     fields["signData"] = base64.b64encode(hashlib.sha256(message).hexdigest().encode()).decode()
     return json.dumps(fields).replace("\\ufffd", "\\ud800").encode()
+
+
+def test_replayed_sm2_signature_in_any_spelling(service):
+    """RejectReplay: go-infer's lenient base64 gives one SM2 signature endless spellings (CR/LF,
+    garbage after the padding, zero bytes before s); each must count as the same signature."""
+    body = json.loads(sign({"pay": 10}, "SM2"))
+    good = body["signData"]
+    raw = base64.b64decode(good)
+    spellings = [good + "\n", good[:10] + "\r\n" + good[10:], good + "AAAA",
+                 base64.b64encode(raw[:32] + b"\0" + raw[32:]).decode()]
+    one(service, post(ECHO, json.dumps(body).encode()), "first", status=200, bad=False, code=0)
+    for spelling in spellings:
+        one(service, post(ECHO, json.dumps(dict(body, signData=spelling)).encode()), f"replay {spelling[-6:]!r}",
+            status=200, code=9807)
+    for extra in ({"zz": ""}, {"zz": None}, {"zz": [1]}):  # unsigned additions go-infer tolerates
+        one(service, post(ECHO, json.dumps(dict(body, **extra)).encode()), f"replay + {extra}", status=200,
+            code=9807)
 
 
 # --- slow and truncated bodies ------------------------------------------------------------------

@@ -329,9 +329,14 @@ def test_signdata_go_lenient_spellings_of_the_same_signature():
     """go-infer ignores DecodeString's error: CR/LF and trailing garbage keep the same bytes."""
     fields = json.loads(sign({"a": 1}, "SM2"))
     good = fields["signData"]
-    for spelling in (good[:10] + "\r\n" + good[10:], good + "garbage!", good + "\n"):
+    raw = base64.b64decode(good)
+    zero_before_s = base64.b64encode(raw[:32] + b"\0\0" + raw[32:]).decode()  # s is "all the rest"
+    for spelling in (good, good[:10] + "\r\n" + good[10:], good + "garbage!", good + "\n", zero_before_s):
         fields["signData"] = spelling
-        assert isinstance(check(json.dumps(fields).encode()), SignedRequest), spelling
+        verdict = check(json.dumps(fields).encode())
+        assert isinstance(verdict, SignedRequest), spelling
+        # One signature, one spelling for replay protection (each spelling was a new replay key).
+        assert verdict.sign_data == good, spelling
     fields["signData"] = good[:-4]  # a quantum short: r||s loses bytes
     assert check(json.dumps(fields).encode()).code_name == "SignFail"
 

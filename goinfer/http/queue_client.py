@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Any
 
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from goinfer.connections import async_client, describe_redis
 from goinfer.queue import JOB_FIELD, Reply, reply_key
@@ -64,7 +65,7 @@ class QueueClient:
         self._reader_redis: redis.asyncio.Redis = async_client(server, blocking=True)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._enqueue = self._redis.register_script(ENQUEUE_SCRIPT)
+        self._enqueue = EnqueueBatcher(self._redis)
         self._max_length = str(server.max_queue_length)
 
     async def start(self) -> None:
@@ -99,7 +100,7 @@ class QueueClient:
         keys = [stream, replay_key] if replay_key else [stream]
         try:
             try:
-                outcome = await self._enqueue(keys=keys, args=[self._max_length, payload, replay_ttl_s, JOB_FIELD])
+                outcome = await self._enqueue.call(keys, [self._max_length, payload, replay_ttl_s, JOB_FIELD])
             except (RedisError, OSError) as exc:
                 raise SendFailure(str(exc) or type(exc).__name__) from None
             if outcome == QUEUE_FULL:
@@ -143,6 +144,57 @@ class QueueClient:
         future = self._waiting.get(reply.id)
         if future is not None and not future.done():
             future.set_result(reply)
+
+
+class EnqueueBatcher:
+    """Sends the enqueue calls of all requests that arrive in one event-loop tick as one pipeline.
+
+    Under load this is one round trip and one connection for many requests, instead of one
+    connection per concurrent request (which also runs into connection limits).
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self._script = client.register_script(ENQUEUE_SCRIPT)
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+
+    async def call(self, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._start_flush)
+        self._pending.append((keys, args, future))
+        return await future
+
+    def _start_flush(self) -> None:
+        batch, self._pending = self._pending, []
+        asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._run(batch)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # Redis restarted (or flushed its scripts): load it once and send the batch again.
+                await self._client.script_load(ENQUEUE_SCRIPT)
+                results = await self._run(batch)
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
 
 
 def _expire(future: asyncio.Future[Reply]) -> None:

@@ -45,6 +45,9 @@ class SignedRequest:
     app_id: str
     data: dict[str, Any]
     sign_type: str
+    # The signature in one canonical spelling (what replay protection keys on): go-infer decodes
+    # SM2 signData leniently (CR/LF anywhere, garbage after the padding, zero bytes before s), so
+    # one captured SM2 signature could be re-sent under endless spellings, each a new replay key.
     sign_data: str
 
 
@@ -102,7 +105,7 @@ class SignatureChecker:
         try:
             for sign_string in _strings_to_sign(fields, parsed, timestamp_int, secret):
                 if self._signature_matches(sign_type, sign_string.encode("utf-8"), sign_data):
-                    return SignedRequest(app_id, data, sign_type, sign_data)
+                    return SignedRequest(app_id, data, sign_type, _canonical_signature(sign_type, sign_data))
         except RecursionError:
             # json.dumps (C, but counted against the recursion limit) re-encodes what the parser
             # just accepted, a few frames deeper: with MaxJsonDepth set near 1000 a body at the
@@ -117,6 +120,15 @@ class SignatureChecker:
         if self._sm2 is None:
             return False  # no SM2PrivateKey configured: no SM2 signature can be valid
         return self._sm2.verify(message, go_std_b64decode_lenient(sign_data))
+
+
+def _canonical_signature(sign_type: str, sign_data: str) -> str:
+    """A verified signature's one spelling: SM2 as base64 of r||s, 32 bytes each."""
+    if sign_type != "SM2":
+        return sign_data  # SHA256 signData is compared exactly: it has one spelling already
+    raw = go_std_b64decode_lenient(sign_data)
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")  # < n: it verified
+    return base64.b64encode(r.to_bytes(32, "big") + s.to_bytes(32, "big")).decode("ascii")
 
 
 def _field(fields: dict, name: str, kind: type | tuple, label: str) -> Any:
