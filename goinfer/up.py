@@ -170,6 +170,7 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
             done = wait(list(by_sentinel), timeout=0.5)
             if done and not stop["requested"]:
                 name = by_sentinel[done[0]]
+                children[name].join(5)  # the sentinel fires before exitcode is set
                 code = children[name].exitcode
                 if code == 0:
                     log.info("%s stopped; stopping everything", name)

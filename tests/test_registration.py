@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -119,3 +120,23 @@ def _echo_answers(api: Client) -> bool:
         return api.call("/api/echo", {"a": 1})["a"] == 1
     except OSError:
         return False
+
+
+def test_noapi_models_are_served_but_not_routed(tmp_path, redis_server, processes):
+    settings = write_settings(tmp_path, redis_server.address,
+                              Models=["goinfer.models.echo:Echo", "sample_models:Hidden"])
+    http = processes.http(settings)
+    server = processes.server(settings)
+    assert "serving /api/echo" in http.output and "__noapi__" not in http.output
+    assert "sample_models:Hidden" in server.output  # the dispatcher's workers load it
+
+
+def test_up_reports_a_child_that_dies_and_stops_the_rest(tmp_path, processes):
+    settings = write_settings(tmp_path, f"127.0.0.1:{free_port()}")
+    up = processes.start("up", "--yaml", str(settings))
+    api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SHA256")
+    wait_until(lambda: _echo_answers(api), 60, "goinfer up to answer")
+    http_pid = int(up.output.split("HTTP tier on")[0].rsplit("[", 1)[1].split("]")[0])
+    os.kill(http_pid, signal.SIGKILL)
+    assert up.process.wait(60) == 1
+    assert "http exited with code -9; stopping everything" in up.output

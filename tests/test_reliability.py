@@ -53,7 +53,6 @@ def test_kill_9_of_a_dispatcher_loses_nothing(tmp_path, redis_server, processes)
         answers = [f.result() for f in futures]
     errors = [a for a in answers if isinstance(a, GoinferError)]
     assert not errors, errors[:5]
-    assert [a["i"] if "i" in a else None for a in answers]  # every request answered
     ran = executions(redis_server.client(), settings)
     ids = [a["requestId"] for a in answers]
     assert set(ids) <= set(ran), "every answered request ran"
