@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -25,6 +26,20 @@ REPLY_TTL_S = 300
 DEAD_LETTER_SUFFIX = ":dead"
 REPLAY_KEY_PREFIX = "goinfer:seen:"
 
+# Dispatcher heartbeats: each `goinfer server N` supervisor keeps one key, JSON, refreshed every
+# Server.HeartbeatIntervalS, that expires after HEARTBEAT_TTL_INTERVALS missed refreshes (killed,
+# frozen, cut off from Redis), and names it in one set so readers find every dispatcher without
+# SCANning the keyspace. Readers skip members whose key has expired; writers prune them.
+DISPATCHER_KEY_PREFIX = "goinfer:dispatcher:"
+DISPATCHERS_SET = "goinfer:dispatchers"
+HEARTBEAT_TTL_INTERVALS = 3
+
+# Cluster-wide counters per stream, a hash incremented by workers in the pipeline that
+# acknowledges the entries concerned, so every HTTP tier can show the totals.
+STATS_KEY_PREFIX = "goinfer:stats:"
+STAT_DEAD_LETTERED = "dead_lettered"
+STAT_DEADLINE_DROPPED = "deadline_dropped"
+
 
 def dead_letter_stream(stream: str) -> str:
     """Where requests that kept killing workers are kept, with the reason, for a person to see."""
@@ -35,6 +50,21 @@ def replay_key(app_id: str, sign_data: str) -> str:
     """One key per signature; hashed, so a huge signData cannot make a huge key."""
     digest = hashlib.sha256(sign_data.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{REPLAY_KEY_PREFIX}{app_id}:{digest}"
+
+
+def dispatcher_key(host: str, pid: int) -> str:
+    """The heartbeat key of one dispatcher (supervisor process)."""
+    return f"{DISPATCHER_KEY_PREFIX}{host}:{pid}"
+
+
+def heartbeat_ttl_s(interval_s: float) -> int:
+    """Seconds a heartbeat key lives: a few intervals, so one slow write does not expire it."""
+    return max(1, math.ceil(HEARTBEAT_TTL_INTERVALS * interval_s))
+
+
+def stats_key(stream: str) -> str:
+    """The hash of cluster-wide counters of one stream (STAT_* fields)."""
+    return f"{STATS_KEY_PREFIX}{stream}"
 
 
 def stream_name(queue_base: str, index: int) -> str:
@@ -91,12 +121,19 @@ class Job:
 
 @dataclass(frozen=True)
 class Reply:
-    """A worker's answer: code 0 with `data`, or an error code with `msg`."""
+    """A worker's answer: code 0 with `data`, or an error code with `msg`.
+
+    `queued_ms` (from the entry's XADD until a worker started it) and `infer_ms` (the model's
+    `infer`/`infer_batch` call) travel with the answer so the HTTP tier can observe where a
+    request's time went without asking anyone; None when unknown (an older worker).
+    """
 
     id: str
     code: int
     msg: str = ""
     data: dict[str, Any] | None = None
+    queued_ms: float | None = None
+    infer_ms: float | None = None
 
     def encode(self) -> str:
         body: dict[str, Any] = {"id": self.id, "code": self.code}
@@ -104,6 +141,10 @@ class Reply:
             body["msg"] = self.msg
         else:
             body["data"] = self.data or {}
+        if self.queued_ms is not None:
+            body["queued_ms"] = round(self.queued_ms, 3)
+        if self.infer_ms is not None:
+            body["infer_ms"] = round(self.infer_ms, 3)
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=_plain_json)
 
     @classmethod
@@ -114,7 +155,21 @@ class Reply:
             code=int(fields["code"]),
             msg=str(fields.get("msg", "")),
             data=fields.get("data"),
+            queued_ms=_optional_ms(fields.get("queued_ms")),
+            infer_ms=_optional_ms(fields.get("infer_ms")),
         )
+
+
+def entry_time_ms(entry_id: bytes | str) -> float:
+    """When Redis added a stream entry: the millisecond part of its id ("1718000000000-0")."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return float(text.split("-", 1)[0])
+
+
+def _optional_ms(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 def _plain_json(value: Any) -> Any:

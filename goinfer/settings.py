@@ -50,6 +50,7 @@ class ApiSettings:
     body_read_timeout_s: float = 30.0
     reject_replay: bool = False
     shutdown_drain_s: float = 1.0
+    access_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ServerSettings:
     max_deliveries: int = 3
     shutdown_grace_s: float = 30.0
     dead_letter_max_length: int = 10000
+    metrics_port: int = 0  # 0: no dispatcher /metrics; else `server N` listens on MetricsPort + N
+    metrics_addr: str = "0.0.0.0"
+    heartbeat_interval_s: float = 5.0  # the heartbeat key lives 3 intervals
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
     "BodyReadTimeoutS": ("body_read_timeout_s", _number(positive=True)),
     "RejectReplay": ("reject_replay", _bool),
     "ShutdownDrainS": ("shutdown_drain_s", _number()),
+    "AccessLog": ("access_log", _bool),
 }
 
 _SERVER_KEYS: dict[str, tuple[str, Check]] = {
@@ -199,6 +204,9 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "MaxDeliveries": ("max_deliveries", _int(1, 100)),
     "ShutdownGraceS": ("shutdown_grace_s", _number()),
     "DeadLetterMaxLength": ("dead_letter_max_length", _int(1)),
+    "MetricsPort": ("metrics_port", _int(0, 65535)),
+    "MetricsAddr": ("metrics_addr", _string),
+    "HeartbeatIntervalS": ("heartbeat_interval_s", _number(positive=True)),
 }
 
 _SECTIONS = ("API", "Server", "ErrCode", "Customer", "Models")

@@ -21,13 +21,15 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from goinfer.connections import sync_client
+from goinfer.dispatcher import metrics
 from goinfer.dispatcher.batching import batch_policies, chunks, wants_more
 from goinfer.errors import ApiError
 from goinfer.logs import setup_logging
 from goinfer.models.base import Model
 from goinfer.models.registry import ModelRegistry, instantiate
 from goinfer.dispatcher.reclaim import InFlightKeeper, find_stale, forget_gone_consumers
-from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, Reply, dead_letter_stream, stream_name
+from goinfer.queue import (CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, STAT_DEAD_LETTERED, STAT_DEADLINE_DROPPED, Job,
+                           Reply, dead_letter_stream, entry_time_ms, stats_key, stream_name)
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.worker")
@@ -80,7 +82,14 @@ class Worker:
         self._next_forget = 0.0
         self.dropped_expired = 0
         self.dead_lettered = 0
+        # Cluster-wide counters (stats_key) not yet written: they ride on the next _finish pipeline.
+        self._stats: Counter[tuple[str, str]] = Counter()
         self.stopping = False
+
+    @property
+    def streams(self) -> list[str]:
+        """The streams this worker reads (reported to the supervisor for its heartbeat)."""
+        return list(self._streams)
 
     def run(self) -> None:
         """Serve until `stopping` is set; Redis outages are waited out, never fatal."""
@@ -161,6 +170,8 @@ class Worker:
         log.error("setting aside request %s on %s: %s", item.job.id if item.job else item.entry_id,
                   item.stream, reason)
         self.dead_lettered += 1
+        self._stats[(item.stream, STAT_DEAD_LETTERED)] += 1
+        metrics.DEAD_LETTERED.labels(item.stream).inc()
         self._redis.xadd(dead_letter_stream(_text(item.stream)),
                          {JOB_FIELD: fields.get(JOB_FIELD.encode(), b""), "reason": reason,
                           "deliveries": deliveries, "at": f"{time.time():.3f}"},
@@ -198,6 +209,8 @@ class Worker:
             if item.job is None or item.job.expired():
                 if item.job is not None:
                     self.dropped_expired += 1
+                    self._stats[(item.stream, STAT_DEADLINE_DROPPED)] += 1
+                    metrics.DEADLINE_DROPPED.labels(item.stream).inc()
                     log.warning("dropping request %s: its client was already answered with QueueTimeout",
                                 item.job.id)
                 unsent.append((item, None))
@@ -205,11 +218,12 @@ class Worker:
                 groups.setdefault(item.job.api, []).append(item)
             else:
                 unsent = self._flush(unsent)
-                unsent.append((item, self.execute(item.job)))
+                unsent.append((item, self.execute(item.job, _queued_ms(item))))
         for api, items in groups.items():
             for chunk in chunks(items, self._policies[api].size):
                 unsent = self._flush(unsent)
-                unsent += zip(chunk, self.execute_batch(self._models[api], [item.job for item in chunk]))
+                queued = [_queued_ms(item) for item in chunk]
+                unsent += zip(chunk, self.execute_batch(self._models[api], [item.job for item in chunk], queued))
         return unsent
 
     def _flush(self, unsent: list[tuple[Pending, str | None]]) -> list[tuple[Pending, str | None]]:
@@ -217,12 +231,13 @@ class Worker:
             self._finish(unsent)
         return []
 
-    def execute(self, job: Job) -> str:
+    def execute(self, job: Job, queued_ms: float | None = None) -> str:
         """Run the model for one job; every outcome becomes an encoded Reply, never an exception."""
         model = self._models.get(job.api)
         if model is None:
             error = self._settings.error("UnknownApi")
-            return Reply(job.id, error.code, f"{error.msg} : {job.api}").encode()
+            return Reply(job.id, error.code, f"{error.msg} : {job.api}", queued_ms=queued_ms).encode()
+        started = time.perf_counter()
         try:
             result: Any = model.infer(job.id, job.params)
         except ApiError as exc:
@@ -230,11 +245,15 @@ class Worker:
         except Exception as exc:
             log.exception("infer of %s failed (requestId %s)", type(model).__name__, job.id)
             result = exc
-        return self._encoded(job, result, "infer")
+        infer_s = time.perf_counter() - started
+        metrics.INFER_SECONDS.labels(job.api).observe(infer_s)
+        return self._encoded(job, result, "infer", queued_ms, infer_s * 1000)
 
-    def execute_batch(self, model: Model, jobs: list[Job]) -> list[str]:
+    def execute_batch(self, model: Model, jobs: list[Job], queued_ms: list[float] | None = None) -> list[str]:
         """One infer_batch call for several jobs; a failure of the call answers each of them."""
         log.debug("infer_batch of %s: batch of %d", type(model).__name__, len(jobs))
+        queued: list[float | None] = list(queued_ms) if queued_ms is not None else [None] * len(jobs)
+        started = time.perf_counter()
         try:
             results = model.infer_batch([(job.id, job.params) for job in jobs])  # type: ignore[attr-defined]
             if not isinstance(results, list) or len(results) != len(jobs):
@@ -245,21 +264,28 @@ class Worker:
         except Exception as exc:
             log.exception("infer_batch of %s failed for %d requests", type(model).__name__, len(jobs))
             results = [exc] * len(jobs)
-        return [self._encoded(job, result, "infer_batch") for job, result in zip(jobs, results)]
+        infer_s = time.perf_counter() - started
+        histogram = metrics.INFER_SECONDS.labels(model.api_path)
+        for _ in jobs:
+            histogram.observe(infer_s)
+        return [self._encoded(job, result, "infer_batch", waited, infer_s * 1000)
+                for job, result, waited in zip(jobs, results, queued)]
 
-    def _encoded(self, job: Job, result: Any, hook: str) -> str:
+    def _encoded(self, job: Job, result: Any, hook: str, queued_ms: float | None = None,
+                 infer_ms: float | None = None) -> str:
         prefix = self._infer_fail
+        timing = {"queued_ms": queued_ms, "infer_ms": infer_ms}
         if isinstance(result, ApiError):
-            return Reply(job.id, result.code, f"{prefix.msg} : {result.msg}").encode()
+            return Reply(job.id, result.code, f"{prefix.msg} : {result.msg}", **timing).encode()
         if isinstance(result, BaseException):
-            return Reply(job.id, prefix.code, f"{prefix.msg} : {result or type(result).__name__}").encode()
+            return Reply(job.id, prefix.code, f"{prefix.msg} : {result or type(result).__name__}", **timing).encode()
         if not isinstance(result, dict):
             detail = f"{hook} must return a dict per request, returned {type(result).__name__}"
-            return Reply(job.id, prefix.code, f"{prefix.msg} : {detail}").encode()
+            return Reply(job.id, prefix.code, f"{prefix.msg} : {detail}", **timing).encode()
         try:
-            return Reply(job.id, 0, data=result).encode()
+            return Reply(job.id, 0, data=result, **timing).encode()
         except (TypeError, ValueError) as exc:  # a result that cannot be sent is the model's failure
-            return Reply(job.id, prefix.code, f"{prefix.msg} : {exc}").encode()
+            return Reply(job.id, prefix.code, f"{prefix.msg} : {exc}", **timing).encode()
 
     def _ensure_groups(self) -> None:
         # Created at id 0, so requests queued before any dispatcher ran are served too.
@@ -288,10 +314,13 @@ class Worker:
                 pipe.expire(item.job.reply_to, REPLY_TTL_S)
             pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
             pipe.xdel(item.stream, item.entry_id)
+        for (stream, name), count in self._stats.items():
+            pipe.hincrby(stats_key(stream), name, count)
         if read_next:
             pipe.xreadgroup(CONSUMER_GROUP, self._consumer, {s: ">" for s in self._streams},
                             count=self._read_count, block=READ_BLOCK_MS)
         results = pipe.execute()
+        self._stats.clear()  # written (on failure they are kept for the next round trip)
         return self._decode(results[-1]) if read_next else []
 
 
@@ -302,6 +331,16 @@ def _pending(stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, bytes]
         log.error("dropping malformed entry %s on %s: %s", entry_id, stream, exc)
         job = None
     return Pending(_text(stream), entry_id, job)
+
+
+def _queued_ms(item: Pending) -> float:
+    """How long the entry waited, from Redis's XADD (its id) to now, also observed for /metrics.
+
+    Redis's clock against this machine's: 0 when they disagree by more than the wait.
+    """
+    queued = max(0.0, time.time() * 1000 - entry_time_ms(item.entry_id))
+    metrics.QUEUE_WAIT_SECONDS.labels(item.stream).observe(queued / 1000)
+    return queued
 
 
 def _text(value: bytes | str) -> str:
@@ -344,7 +383,8 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
         worker.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
-    ready.send(("ready", os.getpid()))
+    # The supervisor imports no model, so the worker tells it what it serves (for its heartbeat).
+    ready.send(("ready", {"pid": os.getpid(), "streams": worker.streams, "apis": sorted(models)}))
     ready.close()
     worker.run()
     log.info("worker %d stopped", worker_index)

@@ -2,7 +2,8 @@
 
 POST <api_path>: read the body (bounded) -> checkSign -> model.api_entry -> queue -> reply ->
 go-infer's envelope. Every failure on that way is answered in the envelope with its code; none
-becomes a traceback or a 500.
+becomes a traceback or a 500. Each answer is counted (metrics.py) and, with API.AccessLog, is one
+line on the `goinfer.access` logger. GET /health, /ready, /metrics, /goinfer/status: ops.py.
 """
 
 from __future__ import annotations
@@ -11,19 +12,23 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from aiohttp import web
 
 from goinfer.errors import ApiError
 from goinfer.http import envelope
+from goinfer.http.metrics import UNROUTED, HttpMetrics
+from goinfer.http.ops import OpsEndpoints
 from goinfer.http.queue_client import QueueClient, QueueFull, Replayed, ReplyTimeout, SendFailure
 from goinfer.http.signing import SignatureChecker, SignCheckFailure
 from goinfer.models.base import NOAPI_PREFIX, Model
-from goinfer.queue import Job, choose_stream, replay_key
+from goinfer.queue import Job, Reply, choose_stream, replay_key
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
+# One INFO line per answered request; filter or silence it by this name, or with API.AccessLog.
+access_log = logging.getLogger("goinfer.access")
 
 @dataclass
 class TierState:
@@ -34,14 +39,27 @@ class TierState:
 
 QUEUE_CLIENT = web.AppKey("queue_client", QueueClient)
 TIER_STATE = web.AppKey("tier_state", TierState)
+METRICS = web.AppKey("metrics", HttpMetrics)
+
+
+class Outcome(NamedTuple):
+    """An answer and what the access log and the metrics say about it."""
+
+    response: web.Response
+    code: int
+    app_id: str = ""
+    request_id: str = ""
+    reply: Reply | None = None
 
 
 class ApiHandler:
     """Serves every model's api_path; one instance per HTTP process."""
 
     def __init__(self, settings: Settings, models: Mapping[str, Model], checker: SignatureChecker,
-                 queue: QueueClient) -> None:
+                 queue: QueueClient, metrics: HttpMetrics) -> None:
         self._settings = settings
+        self._metrics = metrics
+        self._access_log = settings.api.access_log
         self._models = dict(models)
         self._checker = checker
         self._queue = queue
@@ -57,15 +75,25 @@ class ApiHandler:
         self._body_timeout = settings.api.body_read_timeout_s
 
     def _fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
-              status: int = 200) -> web.Response:
+              status: int = 200) -> Outcome:
         error = self._settings.error(name)
         msg = f"{error.msg} : {detail}" if detail else error.msg
-        return envelope.failure(app_id, request_id, error.code, msg, status)
+        return Outcome(envelope.failure(app_id, request_id, error.code, msg, status), error.code, app_id, request_id)
 
     async def post(self, request: web.Request) -> web.Response:
-        model = self._models[request.match_info.route.resource.canonical]  # type: ignore[union-attr]
+        started = time.perf_counter()
+        api_path: str = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+        outcome = await self._serve(self._models[api_path], request)
+        elapsed = time.perf_counter() - started
+        self._metrics.observe(api_path, outcome.code, elapsed, outcome.reply)
+        if self._access_log:
+            access_log.info("POST %s appId=%s code=%d %.1fms requestId=%s", api_path, outcome.app_id,
+                            outcome.code, elapsed * 1000, outcome.request_id)
+        return outcome.response
+
+    async def _serve(self, model: Model, request: web.Request) -> Outcome:
         body = await self._read_body(request)
-        if isinstance(body, web.Response):
+        if isinstance(body, Outcome):
             return body
         try:
             signed = self._checker.check(body)
@@ -102,16 +130,17 @@ class ApiHandler:
         except ReplyTimeout:
             return self._fail("QueueTimeout", app_id, request_id)
         if reply.code != 0:
-            return envelope.failure(app_id, request_id, reply.code, reply.msg)
+            return Outcome(envelope.failure(app_id, request_id, reply.code, reply.msg), reply.code, app_id,
+                           request_id, reply)
         if not isinstance(reply.data, dict):
             return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
-        return envelope.success(app_id, request_id, reply.data)
+        return Outcome(envelope.success(app_id, request_id, reply.data), 0, app_id, request_id, reply)
 
-    def _fail_with(self, app_id: str, request_id: str, code: int, prefix_name: str, msg: str) -> web.Response:
+    def _fail_with(self, app_id: str, request_id: str, code: int, prefix_name: str, msg: str) -> Outcome:
         prefix = self._settings.error(prefix_name).msg
-        return envelope.failure(app_id, request_id, code, f"{prefix} : {msg}")
+        return Outcome(envelope.failure(app_id, request_id, code, f"{prefix} : {msg}"), code, app_id, request_id)
 
-    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+    async def _read_body(self, request: web.Request) -> bytes | Outcome:
         length = request.content_length
         if length is not None and length > self._max_body:
             return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
@@ -123,9 +152,14 @@ class ApiHandler:
             return self._fail("BodyTimeout", detail=f"{self._body_timeout:g}s", status=408)
 
     async def not_found(self, request: web.Request) -> web.Response:
-        if request.path in self._models:
-            return self._fail("MethodNotAllowed", status=405)
-        return self._fail("UnknownApiPath", status=404)
+        routed = request.path in self._models
+        outcome = self._fail("MethodNotAllowed" if routed else "UnknownApiPath", status=405 if routed else 404)
+        self._metrics.observe(request.path if routed else UNROUTED, outcome.code, None)
+        if self._access_log:
+            # raw_path: percent-encoded as sent, so a path cannot forge log lines.
+            access_log.info("%s %s appId= code=%d requestId=", request.method, request.rel_url.raw_path,
+                            outcome.code)
+        return outcome.response
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -136,8 +170,10 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
                queue: QueueClient) -> web.Application:
     """The aiohttp application of one HTTP process; the queue client starts and stops with it."""
     routed = {path: model for path, model in models.items() if not path.startswith(NOAPI_PREFIX)}
-    handler = ApiHandler(settings, routed, checker, queue)
+    metrics = HttpMetrics()
+    handler = ApiHandler(settings, routed, checker, queue, metrics)
     state = TierState()
+    ops = OpsEndpoints(settings, routed, metrics, lambda: queue.in_flight, lambda: state.draining)
 
     @web.middleware
     async def close_connections_while_draining(request: web.Request, handler) -> web.StreamResponse:
@@ -153,9 +189,11 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
                           middlewares=[close_connections_while_draining])
     app[QUEUE_CLIENT] = queue
     app[TIER_STATE] = state
+    app[METRICS] = metrics
     app.router.add_get("/", hello)
     for path in routed:
         app.router.add_post(path, handler.post)
+    ops.add_routes(app, routed)  # before the catch-all, which would answer them 404
     app.router.add_route("*", "/{tail:.*}", handler.not_found)
 
     async def queue_lifecycle(app: web.Application):
@@ -164,4 +202,5 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
         await queue.close()
 
     app.cleanup_ctx.append(queue_lifecycle)
+    app.cleanup_ctx.append(ops.lifecycle)
     return app

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
+import tempfile
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -15,9 +18,11 @@ from aiohttp import web
 
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
 from goinfer.http.app import TIER_STATE, create_app
+from goinfer.http.metrics import MULTIPROC_ENV
 from goinfer.http.queue_client import QueueClient
 from goinfer.http.signing import SignatureChecker
 from goinfer.logs import setup_logging
+from goinfer.models.base import NOAPI_PREFIX
 from goinfer.models.registry import ModelRegistry, instantiate
 from goinfer.settings import Settings, SettingsError
 
@@ -64,7 +69,7 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
     try:
         await web.TCPSite(runner, api.addr, api.port, reuse_port=reuse_port or None, backlog=1024,
                           shutdown_timeout=grace).start()
-        routes = [m.api_path for m in registry.classes]
+        routes = [m.api_path for m in registry.classes if not m.api_path.startswith(NOAPI_PREFIX)]
         log.info("HTTP tier on %s:%d serving %s", api.addr, api.port, ", ".join(routes))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -91,9 +96,15 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
     """Serve with `count` processes sharing the port (SO_REUSEPORT): the HTTP tier on every core.
 
     Each process has its own reply list, so replies never cross processes. A process that dies
-    is restarted; SIGTERM or Ctrl-C stops them all after they answer what is in flight.
+    is restarted; SIGTERM or Ctrl-C stops them all after they answer what is in flight. A scrape
+    of /metrics reaches any one process, so they share their metrics through a private
+    PROMETHEUS_MULTIPROC_DIR (unless one is set already) and each one shows the sum.
     """
     context = multiprocessing.get_context("spawn")
+    metrics_folder = None
+    if not os.environ.get(MULTIPROC_ENV):
+        metrics_folder = tempfile.mkdtemp(prefix="goinfer-http-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_folder
     stopping = {"now": False}
 
     def stop(*_args: object) -> None:
@@ -118,6 +129,7 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
             index = by_sentinel[sentinel]
             log.error("HTTP process %d (pid %s) exited with code %s; restarting it",
                       index, processes[index].pid, processes[index].exitcode)
+            _forget_metrics_of(processes[index].pid)
             time.sleep(0.5)  # a process that cannot start should not spin
             processes[index] = start(index)
     for process in processes.values():
@@ -127,8 +139,19 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
         process.join(SHUTDOWN_GRACE_S + 5)
         if process.is_alive():
             process.kill()
+    if metrics_folder is not None:
+        del os.environ[MULTIPROC_ENV]
+        shutil.rmtree(metrics_folder, ignore_errors=True)
     log.info("HTTP tier stopped")
     return 0
+
+
+def _forget_metrics_of(pid: int | None) -> None:
+    """A dead process's live gauges (in flight) must not count; its counters still do."""
+    from prometheus_client import multiprocess
+
+    if pid is not None:
+        multiprocess.mark_process_dead(pid)
 
 
 def _use_uvloop() -> None:

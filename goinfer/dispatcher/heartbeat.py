@@ -1,0 +1,104 @@
+"""A dispatcher's heartbeat in Redis: who serves which streams, for readiness probes and status.
+
+A thread, not the supervisor's watch loop, writes it: restarting a worker whose model takes a
+minute to load must not make the whole dispatcher look dead. Every Server.HeartbeatIntervalS
+the key `goinfer:dispatcher:<host>:<pid>` is set to a JSON description with a TTL of three
+intervals and named in the set `goinfer:dispatchers`; a dispatcher killed with SIGKILL
+disappears when its key expires, one stopped cleanly deletes it at once. Redis being down is
+logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Callable
+
+import redis
+from redis.exceptions import RedisError
+
+from goinfer.connections import CONNECT_TIMEOUT_S, describe_redis, redis_url
+from goinfer.queue import DISPATCHERS_SET, heartbeat_ttl_s
+from goinfer.settings import ServerSettings
+
+log = logging.getLogger("goinfer.dispatcher")
+
+COMMAND_TIMEOUT_S = 2.0
+
+# Drop from the set the members whose heartbeat key has expired (dispatchers that were killed).
+PRUNE_SCRIPT = """
+local removed = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', member) == 0 then
+    redis.call('SREM', KEYS[1], member)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+class Heartbeat:
+    """Keeps one dispatcher's key alive while `start()`ed; `stop()` deletes it."""
+
+    def __init__(self, server: ServerSettings, key: str, describe: Callable[[], dict[str, Any]]) -> None:
+        self._server = server
+        self._key = key
+        self._describe = describe
+        self._interval = server.heartbeat_interval_s
+        self._ttl = heartbeat_ttl_s(self._interval)
+        self._redis = redis.Redis.from_url(redis_url(server), socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                           socket_timeout=COMMAND_TIMEOUT_S)
+        self._prune = self._redis.register_script(PRUNE_SCRIPT)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="goinfer-heartbeat", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> bool:
+        """Write the key once; False (logged once per outage) when Redis does not take it."""
+        try:
+            payload = json.dumps(self._describe(), separators=(",", ":"))
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._key, payload, ex=self._ttl)
+            pipe.sadd(DISPATCHERS_SET, self._key)
+            pipe.execute()
+            self._prune(keys=[DISPATCHERS_SET])
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                log.warning("cannot write the dispatcher heartbeat to redis at %s (%s); retrying every %.0fs",
+                            describe_redis(self._server), exc, self._interval)
+            self._failing = True
+            return False
+        except Exception:  # noqa: BLE001 - a heartbeat bug must not stop a serving dispatcher
+            log.exception("dispatcher heartbeat failed")
+            return False
+        if self._failing:
+            log.info("dispatcher heartbeat written again")
+        self._failing = False
+        return True
+
+    def stop(self) -> None:
+        """Stop beating and delete the key, so readiness probes stop counting this dispatcher now."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(COMMAND_TIMEOUT_S * 3)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.delete(self._key)
+            pipe.srem(DISPATCHERS_SET, self._key)
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("cannot delete the dispatcher heartbeat (%s); it expires in %ds", exc, self._ttl)
+        finally:
+            self._redis.close()
+
+    def _run(self) -> None:
+        while True:
+            self.beat()
+            if self._stop.wait(self._interval):
+                return

@@ -1,0 +1,113 @@
+"""What Redis says about the cluster, read by the HTTP tier's operations endpoints.
+
+Only /ready, /metrics and /goinfer/status call this, never a request's path. Dispatchers are
+found through the set of heartbeat keys (goinfer/queue.py); queue depths through XLEN and the
+consumer group's XPENDING summary; cluster-wide counters through the hashes workers increment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import redis.asyncio
+
+from goinfer.queue import (CONSUMER_GROUP, DISPATCHERS_SET, STAT_DEAD_LETTERED, STAT_DEADLINE_DROPPED,
+                           dead_letter_stream, stats_key)
+
+# What a heartbeat may show: written by our dispatchers, but passed on field by field so that
+# nothing else that lands in such a key can reach a client.
+DISPATCHER_FIELDS = ("host", "pid", "queue_index", "streams", "apis", "models", "max_workers", "live_workers",
+                     "restarts", "metrics_port", "version", "started_at", "heartbeat_at", "heartbeat_interval_s")
+
+
+@dataclass
+class QueueStats:
+    """One stream as Redis sees it now."""
+
+    name: str
+    length: int = 0  # entries not yet taken or not yet acknowledged (XLEN)
+    pending: int = 0  # taken by a worker, not yet answered (XPENDING)
+    dead_letter_length: int = 0
+    dead_lettered: int = 0  # cluster-wide totals since the stats hash was created
+    deadline_dropped: int = 0
+    dispatchers: int = 0  # live dispatchers with live workers reading it
+
+
+@dataclass
+class ClusterSnapshot:
+    """Dispatchers (from their heartbeats) and queues, for /metrics and /goinfer/status."""
+
+    dispatchers: list[dict[str, Any]] = field(default_factory=list)
+    queues: list[QueueStats] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"dispatchers": self.dispatchers, "queues": [asdict(q) for q in self.queues]}
+
+
+async def read_dispatchers(client: redis.asyncio.Redis) -> list[dict[str, Any]]:
+    """The heartbeats of the dispatchers alive now (keys that have not expired)."""
+    members = sorted(await client.smembers(DISPATCHERS_SET))
+    if not members:
+        return []
+    found = []
+    for raw in await client.mget(members):
+        if raw is None:
+            continue  # expired: a killed dispatcher; the next heartbeat of any other prunes it
+        try:
+            beat = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(beat, dict):
+            found.append({name: beat.get(name) for name in DISPATCHER_FIELDS})
+    return found
+
+
+def served_streams(dispatchers: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Stream -> how many dispatchers with at least one live worker read it."""
+    served: dict[str, int] = {}
+    for beat in dispatchers:
+        live = beat.get("live_workers")
+        streams = beat.get("streams")
+        if not isinstance(live, int) or live < 1 or not isinstance(streams, list):
+            continue
+        for stream in streams:
+            if isinstance(stream, str):
+                served[stream] = served.get(stream, 0) + 1
+    return served
+
+
+async def read_cluster(client: redis.asyncio.Redis, streams: list[str]) -> ClusterSnapshot:
+    """Dispatchers serving any of `streams`, and each stream's depth and counters: 3 round trips."""
+    dispatchers = [d for d in await read_dispatchers(client)
+                   if isinstance(d.get("streams"), list) and set(d["streams"]) & set(streams)]
+    served = served_streams(dispatchers)
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xlen(stream)
+        pipe.xpending(stream, CONSUMER_GROUP)
+        pipe.xlen(dead_letter_stream(stream))
+        pipe.hmget(stats_key(stream), [STAT_DEAD_LETTERED, STAT_DEADLINE_DROPPED])
+    results = await pipe.execute(raise_on_error=False)
+    queues = []
+    for index, stream in enumerate(streams):
+        length, pending, dead_length, counters = results[4 * index: 4 * index + 4]
+        dead_lettered, dropped = counters if isinstance(counters, list) else (None, None)
+        queues.append(QueueStats(
+            name=stream,
+            length=_int(length),
+            pending=_int(pending.get("pending") if isinstance(pending, dict) else None),  # NOGROUP: none yet
+            dead_letter_length=_int(dead_length),
+            dead_lettered=_int(dead_lettered),
+            deadline_dropped=_int(dropped),
+            dispatchers=served.get(stream, 0),
+        ))
+    return ClusterSnapshot(dispatchers, queues)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value) if value is not None and not isinstance(value, Exception) else 0
+    except (TypeError, ValueError):
+        return 0

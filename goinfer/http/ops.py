@@ -1,0 +1,133 @@
+"""The HTTP tier's operations endpoints: /health, /ready, /metrics and /goinfer/status (GET).
+
+For load balancers, Kubernetes probes, Prometheus and people. They use their own Redis client
+with short timeouts, so a slow probe never queues behind requests, and they are neither counted
+in the request metrics nor written to the access log. A model whose api_path is one of these
+paths keeps it: the endpoint is then not served (logged at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, Callable, Mapping
+
+import redis.asyncio
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from goinfer import __version__
+from goinfer.connections import async_client
+from goinfer.http.cluster import ClusterSnapshot, read_cluster, read_dispatchers, served_streams
+from goinfer.http.metrics import HttpMetrics, multiprocess_mode
+from goinfer.models.base import Model
+from goinfer.queue import stream_name
+from goinfer.settings import Settings
+
+log = logging.getLogger("goinfer.http")
+
+HEALTH_PATH = "/health"
+READY_PATH = "/ready"
+METRICS_PATH = "/metrics"
+STATUS_PATH = "/goinfer/status"
+
+PROBE_TIMEOUT_S = 1.0  # a readiness probe that waits longer than this on Redis says "not ready"
+SCRAPE_TIMEOUT_S = 3.0
+IN_FLIGHT_REFRESH_S = 1.0
+
+
+def tier_streams(settings: Settings, models: Mapping[str, Model]) -> list[str]:
+    """Every stream this tier sends to: each routed model's queue (or QueueName) + N."""
+    server = settings.server
+    bases = sorted({model.queue or server.queue_name for model in models.values()})
+    return [stream_name(base, index) for base in bases for index in range(server.request_queue_amount)]
+
+
+class OpsEndpoints:
+    """The handlers, with what they read: the tier's state, its queue client, Redis."""
+
+    def __init__(self, settings: Settings, models: Mapping[str, Model], metrics: HttpMetrics,
+                 in_flight: Callable[[], int], draining: Callable[[], bool]) -> None:
+        self._settings = settings
+        self._paths = sorted(models)
+        self._streams = tier_streams(settings, models)
+        self._metrics = metrics
+        self._in_flight = in_flight
+        self._draining = draining
+        self._redis: redis.asyncio.Redis | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    def add_routes(self, app: web.Application, taken: Mapping[str, Model]) -> None:
+        """Register the GET routes that no model's api_path claims; call before the catch-all."""
+        for path, handler in ((HEALTH_PATH, self.health), (READY_PATH, self.ready),
+                              (METRICS_PATH, self.metrics), (STATUS_PATH, self.status)):
+            if path in taken:
+                log.warning("%s is the api_path of model %s: the operations endpoint %s is not served",
+                            path, type(taken[path]).__name__, path)
+                continue
+            app.router.add_get(path, handler)
+
+    async def lifecycle(self, app: web.Application):
+        """aiohttp cleanup context: the Redis client, and in multiprocess mode the in-flight refresher."""
+        self._redis = async_client(self._settings.server)
+        if multiprocess_mode():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_in_flight())
+        yield
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self._redis.aclose()
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers (also while draining: it is alive, finishing its work)."""
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness: Redis answers and every queue this tier sends to has a live dispatcher."""
+        if self._draining():
+            return web.json_response({"ready": False, "draining": True}, status=503)
+        try:
+            assert self._redis is not None
+            await asyncio.wait_for(self._redis.ping(), PROBE_TIMEOUT_S)
+            dispatchers = await asyncio.wait_for(read_dispatchers(self._redis), PROBE_TIMEOUT_S)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return web.json_response({"ready": False, "redis": False, "missing_queues": self._streams}, status=503)
+        served = served_streams(dispatchers)
+        missing = [stream for stream in self._streams if stream not in served]
+        return web.json_response({"ready": not missing, "redis": True, "missing_queues": missing},
+                                 status=503 if missing else 200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format: request metrics and, read from Redis now, the cluster's."""
+        body = self._metrics.render(self._in_flight(), await self._cluster())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """Dispatchers, their workers and models, queue depths: for people, as JSON. No secret."""
+        cluster = await self._cluster()
+        body: dict[str, Any] = {
+            "version": __version__,
+            "http": {"host": socket.gethostname(), "pid": os.getpid(), "draining": self._draining(),
+                     "in_flight": self._in_flight(), "api_paths": self._paths, "queues": self._streams},
+            "redis": cluster is not None,
+        }
+        if cluster is not None:
+            body.update(cluster.as_json())
+            served = served_streams(cluster.dispatchers)
+            body["missing_queues"] = [stream for stream in self._streams if stream not in served]
+        return web.json_response(body)
+
+    async def _cluster(self) -> ClusterSnapshot | None:
+        try:
+            assert self._redis is not None
+            return await asyncio.wait_for(read_cluster(self._redis, self._streams), SCRAPE_TIMEOUT_S)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return None
+
+    async def _refresh_in_flight(self) -> None:
+        # Sibling processes render this process's in-flight gauge from its file: keep it current.
+        while True:
+            self._metrics.in_flight.set(self._in_flight())
+            await asyncio.sleep(IN_FLIGHT_REFRESH_S)
