@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from goinfer.errors import ApiError
 from goinfer.http import envelope
@@ -145,11 +147,16 @@ class ApiHandler:
         if length is not None and length > self._max_body:
             return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
         try:
-            return await asyncio.wait_for(request.read(), self._body_timeout)
+            body = await asyncio.wait_for(request.read(), self._body_timeout)
         except web.HTTPRequestEntityTooLarge:
             return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
         except asyncio.TimeoutError:
             return self._fail("BodyTimeout", detail=f"{self._body_timeout:g}s", status=408)
+        except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a gzip body that does not inflate
+            return self._fail("SignFail1", detail=f"unreadable body: {exc}")
+        if len(body) > self._max_body:  # chunked or compressed bodies have no Content-Length to check
+            return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+        return body
 
     async def not_found(self, request: web.Request) -> web.Response:
         routed = request.path in self._models
@@ -171,30 +178,35 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     """The aiohttp application of one HTTP process; the queue client starts and stops with it."""
     routed = {path: model for path, model in models.items() if not path.startswith(NOAPI_PREFIX)}
     metrics = HttpMetrics()
-    handler = ApiHandler(settings, routed, checker, queue, metrics)
+    api = ApiHandler(settings, routed, checker, queue, metrics)
     state = TierState()
     ops = OpsEndpoints(settings, routed, metrics, lambda: queue.in_flight, lambda: state.draining)
 
     @web.middleware
-    async def close_connections_while_draining(request: web.Request, handler) -> web.StreamResponse:
-        # Clients and proxies move to another tier instead of reusing a connection that will close.
-        # (In a middleware: force_close() in on_response_prepare drops the response instead.)
-        response = await handler(request)
+    async def envelope_and_drain(request: web.Request, handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status not in (404, 405):
+                raise
+            # Targets the router cannot even try (OPTIONS *, CONNECT host:port) still get the envelope.
+            response = await api.not_found(request)
         if state.draining:
+            # Clients and proxies move to another tier instead of reusing a connection that will
+            # close. (Here, not in on_response_prepare, where force_close() drops the response.)
             response.force_close()
         return response
 
     # aiohttp enforces the body limit itself too; +1 so our own check answers first.
-    app = web.Application(client_max_size=settings.api.max_body_bytes + 1,
-                          middlewares=[close_connections_while_draining])
+    app = web.Application(client_max_size=settings.api.max_body_bytes + 1, middlewares=[envelope_and_drain])
     app[QUEUE_CLIENT] = queue
     app[TIER_STATE] = state
     app[METRICS] = metrics
     app.router.add_get("/", hello)
     for path in routed:
-        app.router.add_post(path, handler.post)
+        app.router.add_post(path, api.post)
     ops.add_routes(app, routed)  # before the catch-all, which would answer them 404
-    app.router.add_route("*", "/{tail:.*}", handler.not_found)
+    app.router.add_route("*", "/{tail:.*}", api.not_found)
 
     async def queue_lifecycle(app: web.Application):
         await queue.start()

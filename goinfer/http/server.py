@@ -15,6 +15,8 @@ from multiprocessing.process import BaseProcess
 from typing import Callable, Sequence
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
 from goinfer.http.app import TIER_STATE, create_app
@@ -30,6 +32,7 @@ log = logging.getLogger("goinfer.http")
 
 # Requests in flight get this long to finish after SIGTERM before their connections close.
 SHUTDOWN_GRACE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 75.0
 
 
 def sm2_verifier_for(settings: Settings) -> SM2Verifier | None:
@@ -52,9 +55,23 @@ def build_app(settings: Settings, registry: ModelRegistry,
     return create_app(settings, models, checker, QueueClient(settings.server))
 
 
+class ClientFaultFilter(logging.Filter):
+    """aiohttp logs a full traceback at ERROR for every malformed request and every client that
+    hangs up mid-body, so anyone could fill the log; those become one DEBUG line. Errors of the
+    server itself still reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (HttpProcessingError, RequestPayloadError, ConnectionError)):
+            log.debug("client fault: %s: %s", type(error).__name__, error)
+            return False
+        return True
+
+
 def run_http(settings: Settings, registry: ModelRegistry, reuse_port: bool = False) -> None:
     """Serve the API on the settings' Addr:Port; returns after a clean shutdown."""
     _use_uvloop()
+    logging.getLogger("aiohttp.server").addFilter(ClientFaultFilter())
     asyncio.run(_serve(settings, build_app(settings, registry), registry, reuse_port))
 
 
@@ -64,7 +81,9 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
     race with), stop listening, and let the requests in flight finish."""
     api = settings.api
     grace = min(SHUTDOWN_GRACE_S, settings.server.message_timeout + 1)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
+    # keepalive_timeout: run_app's 75 s (AppRunner's own default is an hour) bounds idle connections.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, api.addr, api.port, reuse_port=reuse_port or None, backlog=1024,
