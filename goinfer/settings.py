@@ -12,7 +12,7 @@ import difflib
 import logging
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import yaml
@@ -309,17 +309,3 @@ def _warn_unknown(path: str, prefix: str, raw: dict, known) -> None:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             log.warning("%s: %s%s: unknown key, ignored%s", path, prefix, key, hint)
-
-
-def describe(settings: Settings) -> dict[str, Any]:
-    """A loggable view of the settings with every secret left out."""
-    secret = {"sm2_private_key", "app_id_secret", "redis_passwd"}
-    out: dict[str, Any] = {}
-    for section_name in ("api", "server"):
-        section = getattr(settings, section_name)
-        out[section_name] = {
-            f.name: getattr(section, f.name) for f in fields(section) if f.name not in secret
-        }
-    out["app_ids"] = len(settings.api.app_id_secret)
-    out["models"] = list(settings.models)
-    return out

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from goinfer import ApiError, Model
+from goinfer.models.echo import Echo
 
 
 class Greeter(Model):
@@ -81,35 +82,20 @@ class Recorder(Model):
         return {"request_id": request_id, "tag": os.environ.get("GOINFER_TEST_TAG", ""), "pid": os.getpid()}
 
 
-class CustomQueued(Model):
+class CustomQueued(Echo):
     """Lives on its own queue (go-infer's CustomQueue)."""
 
     api_path = "/api/custom"
     queue = "goinfer-test-custom-queue-"
 
-    def init(self) -> None:
-        pass
-
-    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
-        return data
-
     def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"served": "custom", **params}
 
 
-class Hidden(Model):
+class Hidden(Echo):
     """Served by dispatchers, never routed by the HTTP tier."""
 
     api_path = "__noapi__/hidden"
-
-    def init(self) -> None:
-        pass
-
-    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
-        return data
-
-    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
 
 class BrokenInit(Model):

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from goinfer import Model
 from goinfer.client import Client, GoinferError
 from goinfer.http.server import build_app
+from goinfer.models.echo import Echo
 from goinfer.models.registry import ModelRegistry
 from goinfer.settings import load_settings
 
@@ -223,19 +223,10 @@ def test_dead_letters_and_restarts_are_counted(tmp_path, redis_server, processes
     assert "Traceback" not in server.output
 
 
-class HealthModel(Model):
+class HealthModel(Echo):
     """A model that claims /health: the model keeps the path."""
 
     api_path = "/health"
-
-    def init(self) -> None:
-        pass
-
-    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
-        return data
-
-    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
 
 def test_a_model_path_wins_over_an_operations_endpoint(tmp_path, redis_server):

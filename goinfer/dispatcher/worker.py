@@ -80,8 +80,6 @@ class Worker:
         self._keeper = InFlightKeeper(sync_client(server), consumer, stuck_after_s=server.message_timeout)
         self._next_reclaim = 0.0
         self._next_forget = 0.0
-        self.dropped_expired = 0
-        self.dead_lettered = 0
         # Cluster-wide counters (stats_key) not yet written: they ride on the next _finish pipeline.
         self._stats: Counter[tuple[str, str]] = Counter()
         self.stopping = False
@@ -111,8 +109,8 @@ class Worker:
                 if pending and self._policies:
                     pending = self._fill_batches(pending)
                 if pending:
-                    self._keeper.track(_ids_by_stream(pending), max(p.job.deadline for p in pending if p.job)
-                                       if any(p.job for p in pending) else time.time())
+                    deadline = max((p.job.deadline for p in pending if p.job), default=time.time())
+                    self._keeper.track(_ids_by_stream(pending), deadline)
                     # The last replies and the next read share one round trip to Redis.
                     pending = self._finish(self._process(pending), read_next=not self.stopping)
                     self._keeper.clear()
@@ -169,10 +167,9 @@ class Worker:
         reason = f"delivered {deliveries} times without an answer: it killed or hung the workers that took it"
         log.error("setting aside request %s on %s: %s", item.job.id if item.job else item.entry_id,
                   item.stream, reason)
-        self.dead_lettered += 1
         self._stats[(item.stream, STAT_DEAD_LETTERED)] += 1
         metrics.DEAD_LETTERED.labels(item.stream).inc()
-        self._redis.xadd(dead_letter_stream(_text(item.stream)),
+        self._redis.xadd(dead_letter_stream(item.stream),
                          {JOB_FIELD: fields.get(JOB_FIELD.encode(), b""), "reason": reason,
                           "deliveries": deliveries, "at": f"{time.time():.3f}"},
                          maxlen=self._dead_max, approximate=True)
@@ -208,7 +205,6 @@ class Worker:
         for item in pending:
             if item.job is None or item.job.expired():
                 if item.job is not None:
-                    self.dropped_expired += 1
                     self._stats[(item.stream, STAT_DEADLINE_DROPPED)] += 1
                     metrics.DEADLINE_DROPPED.labels(item.stream).inc()
                     log.warning("dropping request %s: its client was already answered with QueueTimeout",
@@ -350,7 +346,7 @@ def _text(value: bytes | str) -> str:
 def _ids_by_stream(pending: list[Pending]) -> dict[str, list[bytes]]:
     grouped: dict[str, list[bytes]] = {}
     for item in pending:
-        grouped.setdefault(_text(item.stream), []).append(item.entry_id)
+        grouped.setdefault(item.stream, []).append(item.entry_id)
     return grouped
 
 
