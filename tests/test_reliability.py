@@ -17,7 +17,7 @@ import pytest
 
 from goinfer.client import Client, GoinferError, signed_body
 
-from conftest import (APP_ID, APP_SECRET, post_raw, settings_of, start_redis, stop_redis, url_of, wait_until,
+from conftest import (APP_ID, APP_SECRET, free_port, post_raw, settings_of, start_redis, stop_redis, url_of, wait_until,
                       write_settings)
 
 MODELS = ["sample_models:Recorder", "sample_models:Crasher", "goinfer.models.echo:Echo"]
@@ -250,3 +250,34 @@ def test_keep_alive_clients_lose_nothing_when_the_tier_stops(tmp_path, redis_ser
     assert not during_drain, during_drain
     assert all(("Refused" in error or "Reset" in error or "RemoteDisconnected" in error) for _, error in failures)
     assert closes["close"] > 0
+
+
+def test_redis_over_tls_with_a_password(tmp_path, processes):
+    """RedisServer as a rediss:// URL and RedisPasswd: both tiers and the dispatcher use them."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    port = free_port()
+    redis = subprocess.Popen(
+        [shutil.which("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+         "--tls-auth-clients", "no", "--requirepass", "tls-secret-pw", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        url = f"rediss://127.0.0.1:{port}?ssl_cert_reqs=required&ssl_ca_certs={cert}"
+        settings = write_settings(tmp_path, url, Models=["goinfer.models.echo:Echo"],
+                                  Server={"RedisPasswd": "tls-secret-pw"})
+        http = processes.http(settings)
+        server = processes.server(settings)
+        assert client(url_of(settings)).call("/api/echo", {"over": "tls"})["over"] == "tls"
+        assert "tls-secret-pw" not in http.output + server.output
+    finally:
+        processes.cleanup()
+        redis.terminate()
+        redis.wait(10)
