@@ -163,3 +163,21 @@ def test_dispatcher_reports_a_bad_model_path(tmp_path, redis_server):
     result = run_goinfer("server", "0", "--yaml", str(path), cwd=tmp_path)
     assert result.returncode == 1
     assert "cannot import module 'nosuchmodule'" in result.stderr
+
+
+def test_shipped_settings_show_every_default():
+    """config/settings.yaml documents each key with its default: the two must not drift apart."""
+    from dataclasses import fields
+
+    from goinfer.settings import ApiSettings, ServerSettings
+
+    text = (ROOT / "config" / "settings.yaml").read_text()
+    shipped = load_settings(str(ROOT / "config" / "settings.yaml"))
+    credentials = {"sm2_private_key", "app_id_secret", "redis_passwd"}
+    for section, defaults in ((shipped.api, ApiSettings()), (shipped.server, ServerSettings())):
+        for field in fields(defaults):
+            if field.name not in credentials:
+                assert getattr(section, field.name) == getattr(defaults, field.name), field.name
+    for key in ("HttpWorkers", "BatchSize", "MaxQueueLength", "ClaimIdleMs", "MaxDeliveries", "RejectReplay",
+                "ShutdownDrainS", "ShutdownGraceS", "BodyReadTimeoutS", "DeadLetterMaxLength", "MetricsPort"):
+        assert f"    {key}:" in text, key
