@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 import socket
 import sys
 from typing import Any
@@ -140,3 +141,27 @@ def test_up_reports_a_child_that_dies_and_stops_the_rest(tmp_path, processes):
     os.kill(http_pid, signal.SIGKILL)
     assert up.process.wait(60) == 1
     assert "http exited with code -9; stopping everything" in up.output
+
+
+def test_quick_start_model_next_to_the_settings_file(tmp_path, redis_server, processes):
+    """The README's quick start: a model module in the working directory, the `goinfer` script."""
+    (tmp_path / "mymodels.py").write_text(
+        "from goinfer import ApiError, Model\n\n"
+        "class Reverse(Model):\n"
+        "    api_path = '/api/reverse'\n\n"
+        "    def init(self):\n"
+        "        self.suffix = self.customer.get('Suffix', '')\n\n"
+        "    def api_entry(self, data):\n"
+        "        if not isinstance(data.get('text'), str):\n"
+        "            raise ApiError(1001, 'need text')\n"
+        "        return {'text': data['text']}\n\n"
+        "    def infer(self, request_id, params):\n"
+        "        return {'reversed': params['text'][::-1] + self.suffix}\n")
+    settings = write_settings(tmp_path, redis_server.address, Models=["mymodels:Reverse"], Customer={"Suffix": "!"})
+    script = [str(Path(sys.executable).parent / "goinfer")]
+    env = {"PYTHONPATH": ""}  # nothing but the working directory makes mymodels importable
+    processes.start("server", "0", "--yaml", str(settings), program=script, env=env).wait_for_output(
+        "dispatcher for queue 0 ready", 60)
+    processes.http(settings, program=script, env=env)
+    api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SM2", sm2_private_key=SM2_PRIVATE_KEY)
+    assert api.call("/api/reverse", {"text": "hello"})["reversed"] == "olleh!"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Iterable
 
 from goinfer.models.base import NOAPI_PREFIX, Model
@@ -27,6 +29,7 @@ def import_model(path: str) -> type[Model]:
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
         raise ModelError(f"{path!r}: expected 'package.module:ClassName'")
+    _import_from_working_directory()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is reported, not raised
@@ -38,6 +41,18 @@ def import_model(path: str) -> type[Model]:
         except AttributeError:
             raise ModelError(f"{path!r}: module {module_name!r} has no {qualname!r}") from None
     return check_model_class(target, path)
+
+
+def _import_from_working_directory() -> None:
+    """Models next to the settings file import as they do with `python -m goinfer`.
+
+    The `goinfer` console script's sys.path starts with its own bin folder, not the working
+    directory; spawned workers inherit the parent's sys.path, so adding it here serves them too.
+    Appended, so it never shadows an installed package.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
 
 
 def check_model_class(cls: object, where: str | None = None) -> type[Model]:
