@@ -176,3 +176,23 @@ def test_no_secret_in_logs(service):
     for proc in (service["http"], service["server"]):
         assert SM2_PRIVATE_KEY not in proc.output
         assert APP_SECRET not in proc.output
+
+
+def test_async_client(service):
+    import asyncio
+
+    from goinfer.client import AsyncClient
+
+    async def calls():
+        api = AsyncClient(service["url"], APP_ID, APP_SECRET, sign_type="SM2", sm2_private_key=SM2_PRIVATE_KEY)
+        try:
+            answers = await asyncio.gather(*(api.acall("/api/echo", {"i": i}) for i in range(20)))
+            with pytest.raises(GoinferError) as failed:
+                await api.acall("/api/greet", {})
+            return answers, failed.value
+        finally:
+            await api.aclose()
+
+    answers, failure = asyncio.run(calls())
+    assert [a["i"] for a in answers] == list(range(20))
+    assert (failure.code, failure.msg) == (1001, "api entry fail : need name")
