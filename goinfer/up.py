@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import multiprocessing
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from goinfer.connections import redis_host_port, sync_client
 from goinfer.logs import setup_logging
+from goinfer.processes import StopSignals, exit_code, stop_processes
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.up")
@@ -140,13 +140,7 @@ def _dispatcher_child(settings: Settings, queue_index: int, model_paths: list[st
 
 def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
     """Run Redis (if needed), the dispatchers and the HTTP tier until a signal or a child dies."""
-    stop = {"requested": False}
-
-    def request_stop(*_args: object) -> None:
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = StopSignals()
     try:
         private_redis = ensure_redis(settings)
     except RuntimeError as exc:
@@ -166,12 +160,11 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
             child.start()
         log.info("goinfer up: %s; Ctrl-C stops everything", ", ".join(children))
         by_sentinel = {child.sentinel: name for name, child in children.items()}
-        while not stop["requested"]:
+        while not stop.requested:
             done = wait(list(by_sentinel), timeout=0.5)
-            if done and not stop["requested"]:
+            if done and not stop.requested:
                 name = by_sentinel[done[0]]
-                children[name].join(5)  # the sentinel fires before exitcode is set
-                code = children[name].exitcode
+                code = exit_code(children[name])
                 if code == 0:
                     log.info("%s stopped; stopping everything", name)
                 else:
@@ -188,12 +181,5 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
 
 def _stop_children(children: dict[str, BaseProcess]) -> None:
     # The HTTP tier first, so nothing new is queued while dispatchers finish their work.
-    order = ["http"] + [name for name in children if name != "http"]
-    for name in order:
-        child = children[name]
-        if child.is_alive():
-            child.terminate()
-            child.join(CHILD_STOP_GRACE_S)
-            if child.is_alive():
-                child.kill()
-                child.join()
+    stop_processes([children["http"]], CHILD_STOP_GRACE_S)
+    stop_processes([child for name, child in children.items() if name != "http"], CHILD_STOP_GRACE_S)

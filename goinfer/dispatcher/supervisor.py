@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 import socket
 import time
 from multiprocessing.connection import Connection, wait
@@ -26,6 +25,7 @@ from goinfer.connections import describe_redis
 from goinfer.dispatcher.heartbeat import Heartbeat
 from goinfer.dispatcher.metrics import MetricsServer
 from goinfer.dispatcher.worker import worker_process_main
+from goinfer.processes import StopSignals, exit_code, stop_processes
 from goinfer.queue import dispatcher_key
 from goinfer.settings import Settings
 
@@ -47,7 +47,7 @@ class Supervisor:
         self._model_paths = list(model_paths)
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, BaseProcess] = {}
-        self._stop_requested = False
+        self._stop: StopSignals | None = None
         self.restarts = 0
         # Worker slots whose models are initialised and that have not died since; read by the
         # heartbeat thread and the metrics server, written only by the main thread.
@@ -80,13 +80,13 @@ class Supervisor:
             "heartbeat_interval_s": self._settings.server.heartbeat_interval_s,
         }
 
-    def request_stop(self, *_args: object) -> None:
-        self._stop_requested = True
+    @property
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.requested
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 if models failed to initialise."""
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        self._stop = StopSignals()
         server = self._settings.server
         log.info("dispatcher for queue %d: %d workers, redis at %s, models %s", self._queue_index,
                  server.max_workers, describe_redis(server), ", ".join(self._model_paths))
@@ -145,8 +145,7 @@ class Supervisor:
                 try:
                     status, detail = conn.recv()
                 except EOFError:
-                    process.join(5)
-                    raise InitFailed(f"worker {index} exited with code {process.exitcode} during init") from None
+                    raise InitFailed(f"worker {index} exited with code {exit_code(process)} during init") from None
                 finally:
                     conn.close()
                 if status != "ready":
@@ -163,26 +162,15 @@ class Supervisor:
                     return
                 index = sentinels[sentinel]
                 process = self._workers[index]
-                process.join()
+                code = exit_code(process, timeout_s=None)
                 self._live.discard(index)
                 self.restarts += 1
-                log.error("worker %d (pid %s) died with exit code %s; restarting it",
-                          index, process.pid, process.exitcode)
+                log.error("worker %d (pid %s) died with exit code %s; restarting it", index, process.pid, code)
                 self._start_workers([index])
 
     def _stop_workers(self) -> None:
         """SIGTERM lets each worker finish its request; stragglers are killed after the grace."""
-        for process in self._workers.values():
-            if process.is_alive():
-                process.terminate()
-        grace = self._settings.server.shutdown_grace_s
-        deadline = time.monotonic() + grace
-        for process in self._workers.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                log.warning("worker pid %s did not stop in %.0fs; killing it", process.pid, grace)
-                process.kill()
-                process.join()
+        stop_processes(self._workers.values(), self._settings.server.shutdown_grace_s)
 
 
 def run_dispatcher(settings: Settings, queue_index: int, model_paths: Sequence[str]) -> int:

@@ -77,10 +77,13 @@ class ApiHandler:
         self._body_timeout = settings.api.body_read_timeout_s
 
     def _fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
-              status: int = 200) -> Outcome:
+              status: int = 200, code: int | None = None) -> Outcome:
+        """The envelope of ErrCode `name`, with `detail` after its message; `code` is a model's
+        own (an ApiError's), answered with the message of `name` as its prefix."""
         error = self._settings.error(name)
+        code = error.code if code is None else code
         msg = f"{error.msg} : {detail}" if detail else error.msg
-        return Outcome(envelope.failure(app_id, request_id, error.code, msg, status), error.code, app_id, request_id)
+        return Outcome(envelope.failure(app_id, request_id, code, msg, status), code, app_id, request_id)
 
     async def post(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -113,7 +116,7 @@ class ApiHandler:
             payload = Job(request_id, model.api_path, params, self._queue.reply_key,
                           arrived + self._timeout).encode()
         except ApiError as exc:
-            return self._fail_with(app_id, request_id, exc.code, "ApiEntryFail", exc.msg)
+            return self._fail("ApiEntryFail", app_id, request_id, exc.msg, code=exc.code)
         except Exception as exc:
             log.exception("api_entry of %s failed (requestId %s)", type(model).__name__, request_id)
             return self._fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
@@ -138,24 +141,23 @@ class ApiHandler:
             return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
         return Outcome(envelope.success(app_id, request_id, reply.data), 0, app_id, request_id, reply)
 
-    def _fail_with(self, app_id: str, request_id: str, code: int, prefix_name: str, msg: str) -> Outcome:
-        prefix = self._settings.error(prefix_name).msg
-        return Outcome(envelope.failure(app_id, request_id, code, f"{prefix} : {msg}"), code, app_id, request_id)
+    def _too_large(self) -> Outcome:
+        return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
 
     async def _read_body(self, request: web.Request) -> bytes | Outcome:
         length = request.content_length
         if length is not None and length > self._max_body:
-            return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+            return self._too_large()
         try:
             body = await asyncio.wait_for(request.read(), self._body_timeout)
         except web.HTTPRequestEntityTooLarge:
-            return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+            return self._too_large()
         except asyncio.TimeoutError:
             return self._fail("BodyTimeout", detail=f"{self._body_timeout:g}s", status=408)
         except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a gzip body that does not inflate
             return self._fail("SignFail1", detail=f"unreadable body: {exc}")
         if len(body) > self._max_body:  # chunked or compressed bodies have no Content-Length to check
-            return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+            return self._too_large()
         return body
 
     async def not_found(self, request: web.Request) -> web.Response:

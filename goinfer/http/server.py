@@ -24,6 +24,7 @@ from goinfer.http.metrics import MULTIPROC_ENV
 from goinfer.http.queue_client import QueueClient
 from goinfer.http.signing import SignatureChecker
 from goinfer.logs import setup_logging
+from goinfer.processes import StopSignals, exit_code, stop_processes
 from goinfer.models.base import NOAPI_PREFIX
 from goinfer.models.registry import ModelRegistry, instantiate
 from goinfer.settings import Settings, SettingsError
@@ -124,13 +125,7 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
     if not os.environ.get(MULTIPROC_ENV):
         metrics_folder = tempfile.mkdtemp(prefix="goinfer-http-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_folder
-    stopping = {"now": False}
-
-    def stop(*_args: object) -> None:
-        stopping["now"] = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop = StopSignals()
 
     def start(index: int) -> BaseProcess:
         process = context.Process(target=_http_process_main, args=(settings, list(model_paths)),
@@ -140,24 +135,18 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
 
     processes = {index: start(index) for index in range(count)}
     log.info("HTTP tier: %d processes on port %d", count, settings.api.port)
-    while not stopping["now"]:
+    while not stop.requested:
         by_sentinel = {p.sentinel: i for i, p in processes.items()}
         for sentinel in wait(list(by_sentinel), timeout=0.5):
-            if stopping["now"]:
+            if stop.requested:
                 break
             index = by_sentinel[sentinel]
             log.error("HTTP process %d (pid %s) exited with code %s; restarting it",
-                      index, processes[index].pid, processes[index].exitcode)
+                      index, processes[index].pid, exit_code(processes[index]))
             _forget_metrics_of(processes[index].pid)
             time.sleep(0.5)  # a process that cannot start should not spin
             processes[index] = start(index)
-    for process in processes.values():
-        if process.is_alive():
-            process.terminate()
-    for process in processes.values():
-        process.join(SHUTDOWN_GRACE_S + 5)
-        if process.is_alive():
-            process.kill()
+    stop_processes(processes.values(), SHUTDOWN_GRACE_S + settings.api.shutdown_drain_s + 5)
     if metrics_folder is not None:
         del os.environ[MULTIPROC_ENV]
         shutil.rmtree(metrics_folder, ignore_errors=True)
