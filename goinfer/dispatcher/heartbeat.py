@@ -56,6 +56,8 @@ class Heartbeat:
         self._failing = False
 
     def start(self) -> None:
+        """Beat once now, so a dispatcher that says it is ready is already seen by /ready."""
+        self.beat()
         self._thread = threading.Thread(target=self._run, name="goinfer-heartbeat", daemon=True)
         self._thread.start()
 
@@ -98,7 +100,5 @@ class Heartbeat:
             self._redis.close()
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.wait(self._interval):
             self.beat()
-            if self._stop.wait(self._interval):
-                return
