@@ -13,8 +13,8 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable
 
 CONSUMER_GROUP = "goinfer"
 JOB_FIELD = "m"
@@ -74,6 +74,23 @@ def stream_name(queue_base: str, index: int) -> str:
 
 def reply_key(http_process_id: str) -> str:
     return f"{REPLY_KEY_PREFIX}{http_process_id}"
+
+
+def streams_for(default_queue: str, model_queues: Iterable[str | None], indexes: Iterable[int], *,
+                with_default: bool = False) -> list[str]:
+    """The streams that carry requests of models on `model_queues` (None: the default queue),
+    for the queue numbers `indexes`: base name + N, the default queue's first, then sorted.
+
+    The HTTP tier sends each routed model's requests to its queue for every N; dispatcher N
+    reads the same names for its one N, and the default queue even when all its models have
+    their own (`with_default`), as go-infer's dispatcher always subscribes to it. One function
+    for both, so the two sides can never disagree on a name.
+    """
+    bases = {queue or default_queue for queue in model_queues}
+    if with_default:
+        bases.add(default_queue)
+    ordered = sorted(bases, key=lambda base: (base != default_queue, base))
+    return [stream_name(base, index) for base in ordered for index in indexes]
 
 
 def choose_stream(queue_base: str, queue_amount: int) -> str:
@@ -178,3 +195,93 @@ def _plain_json(value: Any) -> Any:
     if callable(tolist):
         return tolist()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+@dataclass(frozen=True)
+class DispatcherHeartbeat:
+    """What a dispatcher says about itself in its heartbeat key (`dispatcher_key`), as JSON.
+
+    Written by the dispatcher's supervisor, read by every HTTP tier for /ready, /metrics and
+    /goinfer/status. Decoding keeps only these fields, each checked for its type, so that
+    nothing else that lands in such a key can reach a client. Never holds a secret.
+    """
+
+    host: str = ""
+    pid: int = 0
+    queue_index: int = 0
+    streams: tuple[str, ...] = ()  # as the workers report them: the supervisor imports no model
+    apis: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    max_workers: int = 0
+    live_workers: int = 0  # workers with their models initialised that have not died since
+    restarts: int = 0
+    metrics_port: int | None = None
+    version: str = ""
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+    heartbeat_interval_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """How metrics and logs name this dispatcher: host:pid."""
+        return f"{self.host}:{self.pid}"
+
+    @property
+    def serving(self) -> bool:
+        """At least one worker can take requests now."""
+        return self.live_workers >= 1
+
+    def as_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        for name in ("streams", "apis", "models"):
+            body[name] = list(body[name])
+        return body
+
+    def encode(self) -> str:
+        return json.dumps(self.as_json(), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "DispatcherHeartbeat | None":
+        """The heartbeat in `raw`, or None when it is not one; fields of the wrong type are dropped."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(body, dict):
+            return None
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name not in body:
+                continue
+            value = _heartbeat_field(spec.name, body[spec.name])
+            if value is not None:
+                values[spec.name] = value
+        return cls(**values)
+
+
+_HEARTBEAT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "host": str, "pid": int, "queue_index": int, "max_workers": int, "live_workers": int, "restarts": int,
+    "metrics_port": int, "version": str, "started_at": (int, float), "heartbeat_at": (int, float),
+    "heartbeat_interval_s": (int, float),
+}
+
+
+def _heartbeat_field(name: str, value: Any) -> Any:
+    if name in ("streams", "apis", "models"):
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        return None
+    expected = _HEARTBEAT_TYPES[name]
+    if isinstance(value, bool) or not isinstance(value, expected):
+        return None
+    return float(value) if expected == (int, float) else value
+
+
+def served_streams(dispatchers: Iterable[DispatcherHeartbeat]) -> dict[str, int]:
+    """Stream -> how many dispatchers with at least one live worker read it."""
+    served: dict[str, int] = {}
+    for beat in dispatchers:
+        if beat.serving:
+            for stream in beat.streams:
+                served[stream] = served.get(stream, 0) + 1
+    return served

@@ -73,6 +73,10 @@ class ServerSettings:
     metrics_port: int = 0  # 0: no dispatcher /metrics; else `server N` listens on MetricsPort + N
     metrics_addr: str = "0.0.0.0"
     heartbeat_interval_s: float = 5.0  # the heartbeat key lives 3 intervals
+    # More worker deaths than this within the window stop the dispatcher (exit status 1), so a
+    # crash-looping model fails loudly to systemd or Kubernetes instead of restarting forever.
+    worker_restart_limit: int = 5
+    worker_restart_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "MetricsPort": ("metrics_port", _int(0, 65535)),
     "MetricsAddr": ("metrics_addr", _string),
     "HeartbeatIntervalS": ("heartbeat_interval_s", _number(positive=True)),
+    "WorkerRestartLimit": ("worker_restart_limit", _int(0)),
+    "WorkerRestartWindowS": ("worker_restart_window_s", _number(positive=True)),
 }
 
 _SECTIONS = ("API", "Server", "ErrCode", "Customer", "Models")

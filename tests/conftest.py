@@ -25,9 +25,10 @@ import pytest
 import redis
 import yaml
 
+from testdata import goinfer_vectors
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-VECTORS_PATH = ROOT.parent / "shared" / "goinfer-vectors" / "vectors.json"
 
 APP_ID = "3EA25569454745D01219080B779F021F"
 APP_SECRET = "41DF0E6AE27B5282C07EF5124642A352"
@@ -262,4 +263,4 @@ def post_raw(url: str, body: bytes, timeout: float = 30) -> tuple[int, dict[str,
 
 @pytest.fixture(scope="session")
 def vectors() -> dict[str, Any]:
-    return json.loads(VECTORS_PATH.read_text())
+    return goinfer_vectors()

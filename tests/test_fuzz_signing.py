@@ -3,7 +3,7 @@
 Pure functions, in process: whatever bytes arrive, `parse_request_body` returns or raises
 GoJsonError and `SignatureChecker.check` returns a SignedRequest or raises SignCheckFailure with
 one of go-infer's code names, never anything else (anything else is a 500 in the HTTP tier).
-The authoritative Go oracle is ../shared/goinfer-vectors (tests/test_vectors.py); here the
+The authoritative Go oracle is tests/data/goinfer-vectors (tests/test_vectors.py); here the
 oracles are Go's documented rules, numpy's shortest float formatting, and go-infer's Python
 client string where Go's JSON and Python's agree.
 """

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from goinfer.crypto import sm2
+from testdata import goinfer_vectors
 from goinfer.crypto.gobase64 import (
     GoBase64Error,
     _decode_go,
@@ -47,24 +48,9 @@ FAST = settings(max_examples=60, deadline=None)
 # Shared material
 
 
-def _vectors_file() -> Path | None:
-    """go-infer's recorded outcomes; shared/ sits in or beside the checkout (CI clones main with
-    shared/ next to it)."""
-    env = os.environ.get("GOINFER_VECTORS")
-    candidates = [Path(env)] if env else []
-    candidates += [
-        REPO / "shared" / "goinfer-vectors" / "vectors.json",
-        REPO.parent / "shared" / "goinfer-vectors" / "vectors.json",
-    ]
-    return next((c for c in candidates if c.is_file()), None)
-
-
 @lru_cache(maxsize=None)
 def vectors() -> dict[str, Any]:
-    path = _vectors_file()
-    if path is None:
-        pytest.skip("goinfer-vectors/vectors.json not found (set GOINFER_VECTORS)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return goinfer_vectors()
 
 
 @lru_cache(maxsize=None)
