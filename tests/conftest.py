@@ -59,27 +59,28 @@ class RedisServer:
     port: int
     process: subprocess.Popen
     folder: str
+    password: str | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
 
 
-def start_redis(port: int | None = None) -> RedisServer:
+def start_redis(port: int | None = None, *, password: str | None = None) -> RedisServer:
     executable = shutil.which("redis-server")
     if executable is None:
         pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run does this)")
     port = port or free_port()
     folder = tempfile.mkdtemp(prefix="goinfer-test-redis-")
-    process = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", folder, "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL,
-    )
-    server = RedisServer(port, process, folder)
+    args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", folder, "--loglevel", "warning"]
+    if password:
+        args += ["--requirepass", password]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    server = RedisServer(port, process, folder, password)
 
     def answers() -> bool:
         try:
