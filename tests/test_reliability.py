@@ -5,7 +5,6 @@ Each test asserts on every request's answer, not on a sample.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading
@@ -17,8 +16,18 @@ import pytest
 
 from goinfer.client import Client, GoinferError, signed_body
 
-from conftest import (APP_ID, APP_SECRET, free_port, post_raw, settings_of, start_redis, stop_redis, url_of, wait_until,
-                      write_settings)
+from conftest import (
+    APP_ID,
+    APP_SECRET,
+    free_port,
+    post_raw,
+    settings_of,
+    start_redis,
+    stop_redis,
+    url_of,
+    wait_until,
+    write_settings,
+)
 
 MODELS = ["sample_models:Recorder", "sample_models:Crasher", "goinfer.models.echo:Echo"]
 

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from goinfer.crypto import sm2
-from testdata import goinfer_vectors
 from goinfer.crypto.gobase64 import (
     GoBase64Error,
     _decode_go,
@@ -28,6 +27,8 @@ from goinfer.crypto.gobase64 import (
     go_std_b64decode_lenient,
 )
 from goinfer.crypto.sm2 import GX, GY, N, P, SM2Verifier
+
+from testdata import goinfer_vectors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,12 +49,12 @@ FAST = settings(max_examples=60, deadline=None)
 # Shared material
 
 
-@lru_cache(maxsize=None)
+@cache
 def vectors() -> dict[str, Any]:
     return goinfer_vectors()
 
 
-@lru_cache(maxsize=None)
+@cache
 def verifier(public_key: tuple[int, int], backend: str) -> SM2Verifier:
     """Tables cost ~0.1 s per key: build each (key, backend) once per test session."""
     return SM2Verifier(public_key, backend=backend)
@@ -546,7 +547,8 @@ def test_go_base64_canonical_and_newlines(raw: bytes, data: st.DataObject) -> No
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @FAST
-@given(x=st.integers(min_value=0, max_value=P - 1), z=st.integers(min_value=1, max_value=P - 1), e=st.integers(0, 2**256 - 1))
+@given(x=st.integers(min_value=0, max_value=P - 1), z=st.integers(min_value=1, max_value=P - 1),
+       e=st.integers(0, 2**256 - 1))
 def test_final_x_comparison(backend: str, x: int, z: int, e: int) -> None:
     """The inversion-free comparison, including x >= n (about 2**-32 of real signatures, so the
     vectors never reach that branch)."""

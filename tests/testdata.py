@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +23,7 @@ GOINFER_VECTORS = DATA / "goinfer-vectors" / "vectors.json"
 EMBEDDING_REFERENCE = DATA / "embedding-reference" / "minilm-reference.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_json(path: Path) -> Any:
     """A data file of tests/data/, parsed; a missing one fails the test that needs it."""
     if not path.is_file():

@@ -4,6 +4,7 @@ import click
 
 import goinfer
 import goinfer.cli
+
 from sample_models import Greeter
 
 goinfer.register(Greeter)

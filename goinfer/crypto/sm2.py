@@ -37,7 +37,8 @@ import hashlib
 import os
 import secrets
 import threading
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from goinfer.crypto.gobase64 import go_std_b64decode
 
@@ -209,7 +210,7 @@ def _batch_to_affine(points: Sequence[JacobianPoint]) -> list[tuple[Any, Any]]:
         inv = inv * points[k][2] % P
     invs[0] = inv
     out = []
-    for (X, Y, _), zi in zip(points, invs):
+    for (X, Y, _), zi in zip(points, invs, strict=True):
         zi2 = zi * zi % P
         out.append((X * zi2 % P, Y * zi2 * zi % P))
     return out
@@ -256,7 +257,7 @@ def _g_table(backend: str) -> list[list[Any]]:
 
 def _table_mult(table: list[list[Any]], k: int) -> Point | None:
     """k * Q from Q's table (0 <= k < 2**256), as affine ints, None for infinity."""
-    pts = [row[b] for row, b in zip(table, k.to_bytes(32, "little")) if b]
+    pts = [row[b] for row, b in zip(table, k.to_bytes(32, "little"), strict=True) if b]
     if not pts:
         return None
     one = pts[0][0] * 0 + 1
@@ -432,7 +433,8 @@ class SM2Verifier:
     ``verify`` is thread-safe (it only reads the tables).
     """
 
-    def __init__(self, public_key: tuple[int, int], uid: bytes = SM2_DEFAULT_UID, *, backend: str | None = None) -> None:
+    def __init__(self, public_key: tuple[int, int], uid: bytes = SM2_DEFAULT_UID, *,
+                 backend: str | None = None) -> None:
         point = (int(public_key[0]), int(public_key[1]))
         if not _is_on_curve(point):
             raise ValueError("SM2 public key is not a point on the SM2 curve")
@@ -452,8 +454,8 @@ class SM2Verifier:
         sum to the careful generic code.  For a valid key that happens only for signatures built
         with the private key, and never by chance.
         """
-        pts = [row[b] for row, b in zip(self._g_table, s.to_bytes(32, "little")) if b]
-        pts += [row[b] for row, b in zip(self._p_table, t.to_bytes(32, "little")) if b]
+        pts = [row[b] for row, b in zip(self._g_table, s.to_bytes(32, "little"), strict=True) if b]
+        pts += [row[b] for row, b in zip(self._p_table, t.to_bytes(32, "little"), strict=True) if b]
         if not pts:
             return self._one, self._one, self._one * 0
         p = P
