@@ -13,41 +13,49 @@ import asyncio
 import json
 import time
 import uuid
+from typing import cast
 
 import click
 import redis.asyncio
 import uvloop
 from aiohttp import web
 
+from goinfer.queue import JOB_FIELD, Job, Reply, reply_key
+
+TIMEOUT_S = 10.0
+DRAIN_BATCH = 256
+
 
 def make_app(redis_url: str, stream: str, api: str) -> web.Application:
     client = redis.asyncio.Redis.from_url(redis_url)
     reader = redis.asyncio.Redis.from_url(redis_url)
-    reply_key = f"goinfer:reply:baseline-{uuid.uuid4().hex}"
-    waiting: dict[str, asyncio.Future] = {}
+    replies = reply_key(f"baseline-{uuid.uuid4().hex}")
+    waiting: dict[str, asyncio.Future[Reply]] = {}
 
     async def read_replies() -> None:
         while True:
-            item = await reader.blpop([reply_key], timeout=1)
+            item = await reader.blpop([replies], timeout=1)
             if item is None:
                 continue
-            items = [item[1]] + list(await reader.lpop(reply_key, 256) or [])
-            for raw in items:
-                reply = json.loads(raw)
-                future = waiting.pop(reply["id"], None)
+            rest = cast("list[bytes] | None", await reader.lpop(replies, DRAIN_BATCH))  # LPOP with a count: a list
+            for raw in [item[1], *(rest or [])]:
+                reply = Reply.decode(raw)
+                future = waiting.pop(reply.id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
         job_id = uuid.uuid4().hex
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         waiting[job_id] = future
-        job = {"id": job_id, "api": api, "params": json.loads(body).get("data", {}),
-               "reply_to": reply_key, "deadline": time.time() + 10}
-        await client.xadd(stream, {"m": json.dumps(job)})
-        reply = await asyncio.wait_for(future, 10)
-        return web.Response(body=json.dumps({"code": reply["code"], "data": reply.get("data")}, separators=(",", ":")).encode(),
+        job = Job(job_id, api, json.loads(body).get("data", {}), replies, time.time() + TIMEOUT_S)
+        await client.xadd(stream, {JOB_FIELD: job.encode()})
+        try:
+            reply = await asyncio.wait_for(future, TIMEOUT_S)
+        finally:
+            waiting.pop(job_id, None)
+        return web.Response(body=json.dumps({"code": reply.code, "data": reply.data}, separators=(",", ":")).encode(),
                             content_type="application/json")
 
     async def lifecycle(app: web.Application):

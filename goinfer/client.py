@@ -14,8 +14,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Literal
 
+from goinfer.crypto.sign_string import go_sign_string
 from goinfer.crypto.sm2 import private_key_from_b64, sign
-from goinfer.http.signing import go_sign_string
 
 SignType = Literal["SM2", "SHA256", "plain"]
 

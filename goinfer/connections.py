@@ -10,6 +10,12 @@ from urllib.parse import quote
 
 import redis
 import redis.asyncio
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+)
 
 from goinfer.settings import ServerSettings
 
@@ -63,3 +69,39 @@ def sync_client(server: ServerSettings) -> redis.Redis:
         socket_keepalive=True,
         health_check_interval=30,
     )
+
+
+# Redis answered, and said no to the credentials (WRONGPASS, NOAUTH) or to a command (NOPERM).
+_REFUSALS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError, NoPermissionError)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether `exc` is Redis refusing us for good (as opposed to being away for a while)."""
+    return isinstance(exc, _REFUSALS)
+
+
+class RedisRefused(Exception):
+    """Redis will not serve goinfer as configured: retrying cannot help, so the process stops.
+    The message is the one line to show; it names the setting to fix, never a password."""
+
+
+def refusal(exc: BaseException, server: ServerSettings) -> RedisRefused | None:
+    """The RedisRefused that `exc` means, or None for an error that may pass (retry it).
+
+    redis-py turns Redis's WRONGPASS and NOAUTH into AuthenticationError and NOPERM into
+    NoPermissionError. The message names the setting that holds the credentials, never their
+    value, and leaves out the pipeline's echo of the command (it may carry request data).
+    """
+    if not is_refusal(exc):
+        return None
+    address = describe_redis(server)
+    detail = str(exc).split(" caused error: ", 1)[-1]
+    in_url = "@" in server.redis_server.split("://", 1)[-1]
+    setting = "the credentials in Server.RedisServer" if in_url else "Server.RedisPasswd"
+    if isinstance(exc, (NoPermissionError, AuthorizationError)):
+        who = "the user of Server.RedisServer" if in_url else "the user of Server.RedisPasswd"
+        return RedisRefused(f"redis at {address} denies a command goinfer needs to {who} "
+                            f"(check its ACL): NOPERM {detail}")
+    if not in_url and not server.redis_passwd:  # NOAUTH; its text speaks of the handshake, not of the fix
+        return RedisRefused(f"redis at {address} requires a password and Server.RedisPasswd is empty (NOAUTH)")
+    return RedisRefused(f"redis at {address} refuses {setting}: {detail}")

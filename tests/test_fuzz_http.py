@@ -19,16 +19,16 @@ import random
 import socket
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from goinfer.client import Client, signed_body
-from goinfer.http.signing import go_sign_string
+from goinfer.crypto.sign_string import go_sign_string
 
-from conftest import (APP_ID, APP_SECRET, PLAIN_APP_SECRET, SM2_PRIVATE_KEY, ProcessFactory,
-                      settings_of, write_settings)
+from conftest import APP_ID, APP_SECRET, PLAIN_APP_SECRET, SM2_PRIVATE_KEY, ProcessFactory, settings_of, write_settings
 
 ENVELOPE_KEYS = {"appId", "code", "data", "encType", "signType", "success", "timestamp"}
 SECRETS = [APP_SECRET.encode(), SM2_PRIVATE_KEY.encode(), PLAIN_APP_SECRET.encode(), b"&key="]
@@ -140,7 +140,7 @@ def exchange(port: int, data: bytes | list[bytes], expect: int = 1, head: bool =
             sock.settimeout(left)
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except ConnectionResetError:
                 chunk = b""
@@ -464,7 +464,7 @@ def test_pipelined_requests(service):
     expected = [(200, 9801), (200, 0), (404, 9709), (200, 9801), (200, None), (200, 0), (200, None)]
     responses = exchange(service.port, b"".join(batch), expect=len(batch))
     assert len(responses) == len(batch)
-    for index, (response, (status, code)) in enumerate(zip(responses, expected)):
+    for index, (response, (status, code)) in enumerate(zip(responses, expected, strict=True)):
         if index == len(batch) - 1:
             assert response.body == b"Hello world."
             continue

@@ -24,11 +24,10 @@ from hypothesis import strategies as st
 
 from goinfer.client import signed_body
 from goinfer.crypto.gobase64 import go_std_b64decode_lenient
+from goinfer.crypto.gojson import GoJsonError, go_format_g, go_json_number, go_marshal, parse_request_body
+from goinfer.crypto.sign_string import go_sign_string, python_client_sign_string
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
-from goinfer.http.gojson import (GoJsonError, go_format_g, go_json_number, go_marshal,
-                                 parse_request_body)
-from goinfer.http.signing import (SignatureChecker, SignCheckFailure, SignedRequest, go_sign_string,
-                                  python_client_sign_string)
+from goinfer.http.signing import SignatureChecker, SignCheckFailure, SignedRequest
 from goinfer.settings import ApiSettings
 
 from conftest import APP_ID, APP_SECRET, PLAIN_APP_ID, PLAIN_APP_SECRET, SM2_PRIVATE_KEY
@@ -173,8 +172,8 @@ def test_nesting_at_any_depth(depth, leaf, objects):
     inner = leaf
     for _ in range(depth):
         inner = '{"k":' + inner + "}" if objects else "[" + inner + "]"
-    body = ('{"appId":"%s","version":"1","signType":"SHA256","timestamp":%d,"signData":"x","data":{"a":%s}}'
-            % (APP_ID, NOW, inner)).encode()
+    body = (f'{{"appId":"{APP_ID}","version":"1","signType":"SHA256","timestamp":{NOW:d},"signData":"x",'
+            f'"data":{{"a":{inner}}}}}').encode()
     verdict = check(body)
     assert isinstance(verdict, SignCheckFailure)
     within = depth + 2 + (leaf == "{}") <= MAX_DEPTH
@@ -200,8 +199,9 @@ def test_any_depth_with_max_json_depth_at_its_cap():
     checker = SignatureChecker(ApiSettings(app_id_secret={APP_ID: APP_SECRET}, max_json_depth=10000), None)
     for depth in range(850, 1010):
         for leaf in ("1", "1.5", '"\\ud800"'):
-            body = ('{"appId":"%s","version":"1","signType":"SHA256","timestamp":%d,"signData":"x",'
-                    '"data":{"a":%s}}' % (APP_ID, NOW, "[" * depth + leaf + "]" * depth)).encode()
+            nested = "[" * depth + leaf + "]" * depth
+            body = (f'{{"appId":"{APP_ID}","version":"1","signType":"SHA256","timestamp":{NOW:d},"signData":"x",'
+                    f'"data":{{"a":{nested}}}}}').encode()
             with pytest.raises(SignCheckFailure) as refused:
                 checker.check(body, now=NOW)
             assert refused.value.code_name in ("SignFail", "SignFail1"), (depth, leaf)

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
-from goinfer.http.gojson import parse_request_body
+from goinfer.crypto.gojson import parse_request_body
+from goinfer.crypto.sign_string import go_sign_string
 from goinfer.http.server import build_app
-from goinfer.http.signing import go_sign_string
 from goinfer.models.registry import resolve_models
 from goinfer.settings import load_settings
 

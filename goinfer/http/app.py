@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -126,7 +127,8 @@ class ApiHandler:
         try:
             reply = await self._queue.submit(stream, request_id, payload, self._timeout, replay, self._replay_ttl)
         except SendFailure as exc:
-            log.warning("cannot queue request %s on %s: %s", request_id, stream, exc)
+            if not exc.reported:  # an outage or refused credentials are logged once, not per request
+                log.warning("cannot queue request %s on %s: %s", request_id, stream, exc)
             return self._fail("SendMsgFail", app_id, request_id, str(exc))
         except QueueFull:
             return self._fail("QueueFull", app_id, request_id, f"{stream} holds {self._max_queue} requests")

@@ -7,19 +7,21 @@ consumer group's XPENDING summary; cluster-wide counters through the hashes work
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import redis.asyncio
 
-from goinfer.queue import (CONSUMER_GROUP, DISPATCHERS_SET, STAT_DEAD_LETTERED, STAT_DEADLINE_DROPPED,
-                           dead_letter_stream, stats_key)
-
-# What a heartbeat may show: written by our dispatchers, but passed on field by field so that
-# nothing else that lands in such a key can reach a client.
-DISPATCHER_FIELDS = ("host", "pid", "queue_index", "streams", "apis", "models", "max_workers", "live_workers",
-                     "restarts", "metrics_port", "version", "started_at", "heartbeat_at", "heartbeat_interval_s")
+from goinfer.queue import (
+    CONSUMER_GROUP,
+    DISPATCHERS_SET,
+    STAT_DEAD_LETTERED,
+    STAT_DEADLINE_DROPPED,
+    DispatcherHeartbeat,
+    dead_letter_stream,
+    served_streams,
+    stats_key,
+)
 
 
 @dataclass
@@ -39,14 +41,15 @@ class QueueStats:
 class ClusterSnapshot:
     """Dispatchers (from their heartbeats) and queues, for /metrics and /goinfer/status."""
 
-    dispatchers: list[dict[str, Any]] = field(default_factory=list)
+    dispatchers: list[DispatcherHeartbeat] = field(default_factory=list)
     queues: list[QueueStats] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {"dispatchers": self.dispatchers, "queues": [asdict(q) for q in self.queues]}
+        return {"dispatchers": [beat.as_json() for beat in self.dispatchers],
+                "queues": [asdict(q) for q in self.queues]}
 
 
-async def read_dispatchers(client: redis.asyncio.Redis) -> list[dict[str, Any]]:
+async def read_dispatchers(client: redis.asyncio.Redis) -> list[DispatcherHeartbeat]:
     """The heartbeats of the dispatchers alive now (keys that have not expired)."""
     members = sorted(await client.smembers(DISPATCHERS_SET))
     if not members:
@@ -55,33 +58,16 @@ async def read_dispatchers(client: redis.asyncio.Redis) -> list[dict[str, Any]]:
     for raw in await client.mget(members):
         if raw is None:
             continue  # expired: a killed dispatcher; the next heartbeat of any other prunes it
-        try:
-            beat = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(beat, dict):
-            found.append({name: beat.get(name) for name in DISPATCHER_FIELDS})
+        beat = DispatcherHeartbeat.decode(raw)
+        if beat is not None:
+            found.append(beat)
     return found
-
-
-def served_streams(dispatchers: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """Stream -> how many dispatchers with at least one live worker read it."""
-    served: dict[str, int] = {}
-    for beat in dispatchers:
-        live = beat.get("live_workers")
-        streams = beat.get("streams")
-        if not isinstance(live, int) or live < 1 or not isinstance(streams, list):
-            continue
-        for stream in streams:
-            if isinstance(stream, str):
-                served[stream] = served.get(stream, 0) + 1
-    return served
 
 
 async def read_cluster(client: redis.asyncio.Redis, streams: list[str]) -> ClusterSnapshot:
     """Dispatchers serving any of `streams`, and each stream's depth and counters: 3 round trips."""
-    dispatchers = [d for d in await read_dispatchers(client)
-                   if isinstance(d.get("streams"), list) and set(d["streams"]) & set(streams)]
+    wanted = set(streams)
+    dispatchers = [beat for beat in await read_dispatchers(client) if wanted.intersection(beat.streams)]
     served = served_streams(dispatchers)
     pipe = client.pipeline(transaction=False)
     for stream in streams:

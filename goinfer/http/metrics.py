@@ -13,7 +13,7 @@ A single process keeps its metrics in memory.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -82,7 +82,7 @@ class HttpMetrics:
         else:
             for metric in (self.requests, self.latency, self.queue_wait, self.infer, self.in_flight):
                 registry.register(metric)
-        registry.register(_Snapshot(cluster))  # type: ignore[arg-type]
+        registry.register(_Snapshot(cluster))
         return generate_latest(registry)
 
 
@@ -99,7 +99,7 @@ class _Snapshot:
         if self._cluster is None:
             return
         queue = ["queue"]
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "length": GaugeMetricFamily("goinfer_queue_length", "Entries in the stream (XLEN): waiting or running.",
                                         labels=queue),
             "pending": GaugeMetricFamily("goinfer_queue_pending", "Entries taken by a worker and not yet answered "
@@ -123,12 +123,8 @@ class _Snapshot:
         live = GaugeMetricFamily("goinfer_cluster_live_workers", "Live workers of each live dispatcher (from "
                                  "its heartbeat).", labels=labels)
         for beat in self._cluster.dispatchers:
-            values = [f"{beat.get('host')}:{beat.get('pid')}", str(beat.get("queue_index"))]
-            restarts.add_metric(values, _number(beat.get("restarts")))
-            live.add_metric(values, _number(beat.get("live_workers")))
+            values = [beat.name, str(beat.queue_index)]
+            restarts.add_metric(values, beat.restarts)
+            live.add_metric(values, beat.live_workers)
         yield restarts
         yield live
-
-
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import redis.asyncio
 from aiohttp import web
@@ -21,10 +22,10 @@ from redis.exceptions import RedisError
 
 from goinfer import __version__
 from goinfer.connections import async_client
-from goinfer.http.cluster import ClusterSnapshot, read_cluster, read_dispatchers, served_streams
+from goinfer.http.cluster import ClusterSnapshot, read_cluster, read_dispatchers
 from goinfer.http.metrics import HttpMetrics, multiprocess_mode
 from goinfer.models.base import Model
-from goinfer.queue import stream_name
+from goinfer.queue import served_streams, streams_for
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
@@ -39,13 +40,6 @@ SCRAPE_TIMEOUT_S = 3.0
 IN_FLIGHT_REFRESH_S = 1.0
 
 
-def tier_streams(settings: Settings, models: Mapping[str, Model]) -> list[str]:
-    """Every stream this tier sends to: each routed model's queue (or QueueName) + N."""
-    server = settings.server
-    bases = sorted({model.queue or server.queue_name for model in models.values()})
-    return [stream_name(base, index) for base in bases for index in range(server.request_queue_amount)]
-
-
 class OpsEndpoints:
     """The handlers, with what they read: the tier's state, its queue client, Redis."""
 
@@ -53,7 +47,10 @@ class OpsEndpoints:
                  in_flight: Callable[[], int], draining: Callable[[], bool]) -> None:
         self._settings = settings
         self._paths = sorted(models)
-        self._streams = tier_streams(settings, models)
+        server = settings.server
+        # Every stream this tier sends to: each routed model's queue (or QueueName) + N.
+        self._streams = streams_for(server.queue_name, [model.queue for model in models.values()],
+                                    range(server.request_queue_amount))
         self._metrics = metrics
         self._in_flight = in_flight
         self._draining = draining

@@ -1,4 +1,9 @@
-"""Start-up of one HTTP tier process: load models and keys, then serve until SIGTERM or Ctrl-C."""
+"""Start-up of one HTTP tier process: load models and keys, then serve until SIGTERM or Ctrl-C.
+
+A settings problem (a bad SM2 key, Redis refusing RedisPasswd, at start or later) ends the tier
+with SettingsError, which the commands turn into one line and exit status 2; with `--workers`,
+a process that exits so stops them all instead of being restarted forever.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +15,26 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import Callable, Sequence
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from redis.exceptions import RedisError
 
+from goinfer.cli_options import EXIT_CONFIG, fatal
+from goinfer.connections import RedisRefused, refusal, sync_client
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
-from goinfer.http.app import TIER_STATE, create_app
+from goinfer.http.app import QUEUE_CLIENT, TIER_STATE, create_app
 from goinfer.http.metrics import MULTIPROC_ENV
 from goinfer.http.queue_client import QueueClient
 from goinfer.http.signing import SignatureChecker
 from goinfer.logs import setup_logging
-from goinfer.processes import StopSignals, exit_code, stop_processes
 from goinfer.models.base import NOAPI_PREFIX
 from goinfer.models.registry import ModelRegistry, instantiate
+from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
 from goinfer.settings import Settings, SettingsError
 
 log = logging.getLogger("goinfer.http")
@@ -70,10 +78,31 @@ class ClientFaultFilter(logging.Filter):
 
 
 def run_http(settings: Settings, registry: ModelRegistry, reuse_port: bool = False) -> None:
-    """Serve the API on the settings' Addr:Port; returns after a clean shutdown."""
+    """Serve the API on the settings' Addr:Port; returns after a clean shutdown.
+
+    Raises SettingsError when the settings cannot work: among others when Redis refuses its
+    credentials, at start or later (the tier then stops at once: retrying cannot help).
+    """
     _use_uvloop()
     logging.getLogger("aiohttp.server").addFilter(ClientFaultFilter())
-    asyncio.run(_serve(settings, build_app(settings, registry), registry, reuse_port))
+    try:
+        asyncio.run(_serve(settings, build_app(settings, registry), registry, reuse_port))
+    except RedisRefused as exc:
+        raise SettingsError(settings.path, None, str(exc)) from None
+
+
+def check_redis_credentials(settings: Settings) -> None:
+    """Raise SettingsError if Redis refuses the configured credentials; an unreachable Redis passes
+    (the tier serves SendMsgFail until it is back)."""
+    client = sync_client(settings.server)
+    try:
+        client.ping()
+    except RedisError as exc:
+        refused = refusal(exc, settings.server)
+        if refused is not None:
+            raise SettingsError(settings.path, None, str(refused)) from None
+    finally:
+        client.close()
 
 
 async def _serve(settings: Settings, app: web.Application, registry: ModelRegistry, reuse_port: bool) -> None:
@@ -85,7 +114,8 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
     # keepalive_timeout: run_app's 75 s (AppRunner's own default is an hour) bounds idle connections.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace,
                            keepalive_timeout=KEEPALIVE_TIMEOUT_S)
-    await runner.setup()
+    await runner.setup()  # starts the queue client: RedisRefused if Redis refuses our credentials
+    queue = app[QUEUE_CLIENT]
     try:
         await web.TCPSite(runner, api.addr, api.port, reuse_port=reuse_port or None, backlog=1024,
                           shutdown_timeout=grace).start()
@@ -95,13 +125,17 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        queue.when_refused(stop.set)
         await stop.wait()
         app[TIER_STATE].draining = True
-        if api.shutdown_drain_s > 0:
+        # Refused credentials: no drain, every request would get SendMsgFail anyway.
+        if api.shutdown_drain_s > 0 and queue.refused is None:
             log.info("stopping: draining connections for %.1fs", api.shutdown_drain_s)
             await asyncio.sleep(api.shutdown_drain_s)
     finally:
         await runner.cleanup()
+    if queue.refused is not None:
+        raise queue.refused
     log.info("HTTP tier stopped")
 
 
@@ -109,17 +143,25 @@ def _http_process_main(settings: Settings, model_paths: list[str]) -> None:
     setup_logging()
     registry = ModelRegistry()
     registry.extend_from_paths(model_paths)
-    run_http(settings, registry, reuse_port=True)
+    try:
+        run_http(settings, registry, reuse_port=True)
+    except SettingsError as exc:
+        fatal(str(exc))  # exit status EXIT_CONFIG: the parent stops instead of restarting it
 
 
 def run_http_processes(settings: Settings, model_paths: Sequence[str], count: int) -> int:
     """Serve with `count` processes sharing the port (SO_REUSEPORT): the HTTP tier on every core.
 
     Each process has its own reply list, so replies never cross processes. A process that dies
-    is restarted; SIGTERM or Ctrl-C stops them all after they answer what is in flight. A scrape
-    of /metrics reaches any one process, so they share their metrics through a private
+    is restarted, except one that exits with EXIT_CONFIG (a settings problem, such as Redis
+    refusing RedisPasswd): restarting cannot fix that, so all stop and this returns EXIT_CONFIG.
+    SIGTERM or Ctrl-C stops them all after they answer what is in flight. A scrape of /metrics
+    reaches any one process, so they share their metrics through a private
     PROMETHEUS_MULTIPROC_DIR (unless one is set already) and each one shows the sum.
+
+    Raises SettingsError, before starting any process, if Redis refuses the credentials.
     """
+    check_redis_credentials(settings)  # one line now, rather than one per process
     context = multiprocessing.get_context("spawn")
     metrics_folder = None
     if not os.environ.get(MULTIPROC_ENV):
@@ -130,20 +172,27 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
     def start(index: int) -> BaseProcess:
         process = context.Process(target=_http_process_main, args=(settings, list(model_paths)),
                                   name=f"goinfer-http-{index}")
-        process.start()
+        start_child(process)
         return process
 
     processes = {index: start(index) for index in range(count)}
     log.info("HTTP tier: %d processes on port %d", count, settings.api.port)
-    while not stop.requested:
+    status = 0
+    while not stop.requested and status == 0:
         by_sentinel = {p.sentinel: i for i, p in processes.items()}
         for sentinel in wait(list(by_sentinel), timeout=0.5):
             if stop.requested:
                 break
+            assert isinstance(sentinel, int)  # wait() returns the sentinels it was given
             index = by_sentinel[sentinel]
-            log.error("HTTP process %d (pid %s) exited with code %s; restarting it",
-                      index, processes[index].pid, exit_code(processes[index]))
+            code = exit_code(processes[index])
             _forget_metrics_of(processes[index].pid)
+            if code == EXIT_CONFIG:
+                log.error("HTTP process %d (pid %s) stopped on a settings problem; stopping all",
+                          index, processes[index].pid)
+                status = EXIT_CONFIG
+                break
+            log.error("HTTP process %d (pid %s) exited with code %s; restarting it", index, processes[index].pid, code)
             time.sleep(0.5)  # a process that cannot start should not spin
             processes[index] = start(index)
     stop_processes(processes.values(), SHUTDOWN_GRACE_S + settings.api.shutdown_drain_s + 5)
@@ -151,7 +200,7 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
         del os.environ[MULTIPROC_ENV]
         shutil.rmtree(metrics_folder, ignore_errors=True)
     log.info("HTTP tier stopped")
-    return 0
+    return status
 
 
 def _forget_metrics_of(pid: int | None) -> None:

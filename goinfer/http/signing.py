@@ -12,14 +12,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from goinfer.crypto.gobase64 import go_std_b64decode_lenient
-from goinfer.http.gojson import GoJsonError, ParsedBody, go_format_g, go_marshal, parse_request_body
+from goinfer.crypto.gojson import GoJsonError, ParsedBody, parse_request_body
+from goinfer.crypto.sign_string import go_sign_string, python_client_sign_string
 from goinfer.settings import ApiSettings
 
 
@@ -145,42 +146,3 @@ def _strings_to_sign(fields: dict, parsed: ParsedBody, timestamp: int, secret: s
     client_string = python_client_sign_string(fields, secret)
     if client_string != go_string:
         yield client_string
-
-
-def go_sign_string(fields: dict, numbers_differ: bool, timestamp: int, secret: str) -> str:
-    """The string go-infer's checkSign builds: sorted keys but signData, `&key=<secret>` last."""
-    parts = []
-    for key in sorted(fields):
-        value = fields[key]
-        if key == "signData":
-            continue
-        if key == "timestamp":
-            text = str(timestamp)
-        elif isinstance(value, str):
-            text = value
-        elif isinstance(value, dict):
-            text = go_marshal(value, numbers_differ)
-        elif isinstance(value, bool) or value is None or isinstance(value, list):
-            continue  # go-infer leaves these out without a word
-        else:
-            text = go_format_g(float(value))
-        parts.append(f"{key}={text}")
-    parts.append(f"key={secret}")
-    return "&".join(parts)
-
-
-def python_client_sign_string(fields: dict, secret: str) -> str:
-    """The string go-infer's example Python client (`gen_param_str`) signs."""
-    parts = []
-    for key in sorted(fields):
-        if key == "signData":
-            continue
-        value = fields[key]
-        if isinstance(value, dict):
-            text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        else:
-            text = str(value)
-        if text != "":
-            parts.append(f"{key}={text}")
-    parts.append(f"key={secret}")
-    return "&".join(parts)

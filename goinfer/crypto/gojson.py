@@ -16,8 +16,15 @@ import re
 from decimal import Decimal
 from typing import Any
 
-# Go's decoder replaces every byte of an invalid UTF-8 sequence with U+FFFD, one per byte.
-codecs.register_error("goinfer-go-utf8", lambda exc: ("\ufffd" * (exc.end - exc.start), exc.end))
+
+def _go_utf8_replace(exc: UnicodeError) -> tuple[str, int]:
+    """Go's decoder replaces every byte of an invalid UTF-8 sequence with U+FFFD, one per byte."""
+    if not isinstance(exc, UnicodeDecodeError):  # used for decoding only
+        raise exc
+    return "\ufffd" * (exc.end - exc.start), exc.end
+
+
+codecs.register_error("goinfer-go-utf8", _go_utf8_replace)
 
 _EXACT_INT_LIMIT = 2**53
 _LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -201,6 +208,7 @@ def _string(text: str) -> str:
 def _shortest_digits(value: float) -> tuple[str, int]:
     """The shortest round-trip digits of |value| and its decimal exponent (d.ddd x 10^exp)."""
     sign, digits, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    assert isinstance(exponent, int)  # a finite float: not 'n', 'N' or 'F'
     text = "".join(map(str, digits))
     return text, len(text) - 1 + exponent
 

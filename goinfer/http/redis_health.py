@@ -1,0 +1,64 @@
+"""How the HTTP tier tells a Redis outage (wait, it will be back) from refused credentials (stop).
+
+An outage is temporary: requests are answered SendMsgFail meanwhile, and the operator needs to
+hear of it once when it starts and once when it ends, not once per request or per retry,
+whichever part of the process (reply reader, enqueue) noticed. Refused credentials (a wrong
+RedisPasswd, none where Redis needs one, an ACL that forbids our commands) never heal by
+retrying: the tier stops with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from goinfer.connections import is_refusal
+
+log = logging.getLogger("goinfer.http.redis")
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Redis did not answer (down, restarting, loading, cut off): it may be back any moment."""
+    if is_refusal(error):
+        return False
+    return isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError))
+
+
+class RedisHealth:
+    """Whether Redis answers, as the parts of one HTTP process see it; each change logged once.
+
+    Callers pass the monotonic time at which their Redis call started. An outcome of a call that
+    started before the last change is stale (a reply read just before Redis died, a connection
+    attempt that failed just before it came back) and is ignored, so the log says "unreachable"
+    and "back" once per outage even when several parts notice at slightly different times.
+    """
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._down = False
+        self._changed_at = float("-inf")
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def failed(self, started: float, error: BaseException) -> None:
+        """A call that started at `started` found Redis unreachable."""
+        if self._down or started < self._changed_at:
+            return
+        self._down = True
+        self._changed_at = time.monotonic()
+        log.warning("redis at %s is unreachable (%s); requests get SendMsgFail until it is back",
+                    self._address, str(error) or type(error).__name__)
+
+    def answered(self, started: float) -> None:
+        """A call that started at `started` got its answer from Redis."""
+        if not self._down or started < self._changed_at:
+            return
+        self._down = False
+        self._changed_at = time.monotonic()
+        log.info("redis at %s is back", self._address)
