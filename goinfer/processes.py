@@ -2,6 +2,11 @@
 
 `goinfer server` (its workers), `goinfer http --workers N` (its HTTP processes) and `goinfer up`
 (its tiers) all supervise spawned children the same way; this is that way, once.
+
+Ctrl-C in a terminal sends SIGINT to the whole process group, children included. Only the parent
+acts on it (it stops the children with SIGTERM, in order); a child that also took it would die
+with a KeyboardInterrupt traceback wherever it happened to be, often still importing its modules.
+`start_child` therefore starts every child with SIGINT ignored from its first instruction.
 """
 
 from __future__ import annotations
@@ -9,8 +14,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Iterable
 from multiprocessing.process import BaseProcess
-from typing import Iterable
 
 log = logging.getLogger("goinfer.processes")
 
@@ -25,6 +30,26 @@ class StopSignals:
 
     def _request(self, *_args: object) -> None:
         self.requested = True
+
+
+def start_child(process: BaseProcess) -> None:
+    """Start `process` with SIGINT ignored in it from its first instruction.
+
+    A disposition of SIG_IGN survives fork and exec, and CPython leaves SIGINT ignored when it
+    was ignored at start, so the child never sees Ctrl-C, not even while `spawn` imports its
+    modules, before any code of ours runs in it. Meanwhile SIGINT is also blocked in this thread,
+    so a Ctrl-C that lands during the start (a millisecond) waits and reaches our own handler once
+    it is back instead of being ignored here too; the child does not inherit the block. Call it
+    from the main thread, where signal handlers live. (Another thread of this process may still
+    take such a Ctrl-C, and ignore it: signal masks are per thread.)
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def exit_code(process: BaseProcess, timeout_s: float | None = 5.0) -> int | None:

@@ -13,8 +13,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable
+from typing import Any
 
 CONSUMER_GROUP = "goinfer"
 JOB_FIELD = "m"
@@ -117,8 +118,8 @@ class Job:
         )
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> "Job":
-        fields = json.loads(raw)
+    def decode(cls, raw: bytes | str) -> Job:
+        fields = _json(raw)
         if not isinstance(fields, dict):
             raise ValueError("job is not a JSON object")
         params = fields.get("params")
@@ -165,16 +166,33 @@ class Reply:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=_plain_json)
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> "Reply":
-        fields = json.loads(raw)
+    def decode(cls, raw: bytes | str) -> Reply:
+        fields = _json(raw)
         return cls(
             id=str(fields["id"]),
-            code=int(fields["code"]),
+            code=_int(fields["code"]),
             msg=str(fields.get("msg", "")),
             data=fields.get("data"),
             queued_ms=_optional_ms(fields.get("queued_ms")),
             infer_ms=_optional_ms(fields.get("infer_ms")),
         )
+
+
+def _json(raw: bytes | str) -> Any:
+    """json.loads for what comes out of Redis: hostile nesting is a ValueError like any bad JSON,
+    not the RecursionError json raises for it."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _int(value: Any) -> int:
+    """int() whose every failure is a ValueError or TypeError (1e999 parses as infinity)."""
+    try:
+        return int(value)
+    except OverflowError:
+        raise ValueError(f"not a finite number: {value!r}") from None
 
 
 def entry_time_ms(entry_id: bytes | str) -> float:
@@ -241,10 +259,10 @@ class DispatcherHeartbeat:
         return json.dumps(self.as_json(), separators=(",", ":"))
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> "DispatcherHeartbeat | None":
+    def decode(cls, raw: bytes | str) -> DispatcherHeartbeat | None:
         """The heartbeat in `raw`, or None when it is not one; fields of the wrong type are dropped."""
         try:
-            body = json.loads(raw)
+            body = _json(raw)
         except (ValueError, TypeError):
             return None
         if not isinstance(body, dict):
@@ -274,7 +292,9 @@ def _heartbeat_field(name: str, value: Any) -> Any:
     expected = _HEARTBEAT_TYPES[name]
     if isinstance(value, bool) or not isinstance(value, expected):
         return None
-    return float(value) if expected == (int, float) else value
+    if expected == (int, float) and isinstance(value, (int, float)):
+        return float(value)  # JSON writes a whole float as an int
+    return value
 
 
 def served_streams(dispatchers: Iterable[DispatcherHeartbeat]) -> dict[str, int]:

@@ -157,3 +157,43 @@ class Crasher(Model):
             os._exit(17)
         time.sleep(float(params.get("sleep", 0)))
         return {"ok": True}
+
+
+class WrongInferSignature(Model):
+    """Its infer forgets request_id: refused at registration, so at start and by `goinfer check`."""
+
+    api_path = "/api/wrong-infer"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, params: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        return params
+
+
+class Suicidal(Model):
+    """Kills its worker with every request it runs: a crash loop for the restart limit."""
+
+    api_path = "/api/suicide"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        os._exit(1)
+
+
+class SlowInit(Echo):
+    """Takes SLOW_INIT_S seconds (default 60) to "load its weights", and says when it starts."""
+
+    api_path = "/api/slow-init"
+
+    def init(self) -> None:
+        print(f"slow init started in {os.getpid()}", flush=True)
+        time.sleep(float(os.environ.get("SLOW_INIT_S", "60")))

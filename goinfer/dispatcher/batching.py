@@ -1,18 +1,29 @@
-"""Dynamic batching: how many requests a worker takes at once, and how long it waits for more.
+"""Dynamic batching: how many requests a worker takes at once, how long it waits for more, and
+which of them run together.
 
 A model with `infer_batch` runs one forward pass for several requests, which on CPUs and GPUs
 costs far less than one pass each. The worker reads up to the batch size in one XREADGROUP and,
 when fewer are waiting, reads again until the batch is full or `BatchTimeoutMs` has passed since
-the first arrived. Models with only `infer` never wait.
+the first arrived. Models with only `infer` never wait. The decisions are pure functions over
+the requests' api paths, so they hold for any item type and are tested without Redis.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Generic, TypeVar
 
 from goinfer.models.base import Model
 from goinfer.settings import ServerSettings
+
+T = TypeVar("T")
+
+# Redis checks short BLOCK timeouts only on its 100 ms cron tick (a 5 ms BLOCK can last 100 ms),
+# so a partial batch is topped up by polling without BLOCK, this far apart.
+BATCH_POLL_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,15 @@ class BatchPolicy:
 
     size: int
     timeout_s: float
+
+
+@dataclass(frozen=True)
+class Work(Generic[T]):
+    """One call to a model: `infer` for a single item, or `infer_batch` for `items`."""
+
+    api: str
+    items: list[T]
+    batched: bool
 
 
 def batch_policies(server: ServerSettings, models: Mapping[str, Model]) -> dict[str, BatchPolicy]:
@@ -35,7 +55,12 @@ def batch_policies(server: ServerSettings, models: Mapping[str, Model]) -> dict[
     return policies
 
 
-def chunks(items: list, size: int) -> list[list]:
+def read_size(policies: Mapping[str, BatchPolicy]) -> int:
+    """How many entries one read takes: the largest batch size, 1 when nothing batches."""
+    return max((p.size for p in policies.values()), default=1)
+
+
+def chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
@@ -46,3 +71,40 @@ def wants_more(policies: Mapping[str, BatchPolicy], counts: Mapping[str, int]) -
     """
     waits = [policies[api].timeout_s for api, n in counts.items() if api in policies and 0 < n < policies[api].size]
     return max(waits, default=0.0)
+
+
+def fill(items: list[T], read: Callable[[int], list[T]], api_of: Callable[[T], str | None],
+         policies: Mapping[str, BatchPolicy], limit: int) -> list[T]:
+    """Read more (`read(n)`, without blocking) while a batchable model has a partial batch and is
+    still willing to wait, counted from now; at most `limit` items in all."""
+    if not policies:
+        return items
+    started = time.monotonic()
+    while len(items) < limit:
+        counts = Counter(api for api in map(api_of, items) if api is not None)
+        remaining = started + wants_more(policies, counts) - time.monotonic()
+        if remaining <= 0:
+            break
+        more = read(limit - len(items))
+        if more:
+            items = items + more
+        else:
+            time.sleep(min(remaining, BATCH_POLL_S))
+    return items
+
+
+def plan(items: Sequence[T], api_of: Callable[[T], str], policies: Mapping[str, BatchPolicy]) -> list[Work[T]]:
+    """The calls that run `items`: first each item of a model that cannot batch, alone, in arrival
+    order; then each batchable model's items in chunks of its batch size, models in the order
+    their first item arrived."""
+    singles: list[Work[T]] = []
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        api = api_of(item)
+        if api in policies:
+            groups.setdefault(api, []).append(item)
+        else:
+            singles.append(Work(api, [item], batched=False))
+    batches = [Work(api, chunk, batched=True) for api, grouped in groups.items()
+               for chunk in chunks(grouped, policies[api].size)]
+    return singles + batches

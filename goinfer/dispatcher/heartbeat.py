@@ -10,16 +10,15 @@ logged, never fatal.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
 
-import redis
 from redis.exceptions import RedisError
 
-from goinfer.connections import CONNECT_TIMEOUT_S, describe_redis, redis_url
-from goinfer.queue import DISPATCHERS_SET, heartbeat_ttl_s
+from goinfer.connections import describe_redis
+from goinfer.dispatcher.outage import dispatcher_client
+from goinfer.queue import DISPATCHERS_SET, DispatcherHeartbeat, heartbeat_ttl_s
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -42,14 +41,13 @@ return removed
 class Heartbeat:
     """Keeps one dispatcher's key alive while `start()`ed; `stop()` deletes it."""
 
-    def __init__(self, server: ServerSettings, key: str, describe: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, server: ServerSettings, key: str, describe: Callable[[], DispatcherHeartbeat]) -> None:
         self._server = server
         self._key = key
         self._describe = describe
         self._interval = server.heartbeat_interval_s
         self._ttl = heartbeat_ttl_s(self._interval)
-        self._redis = redis.Redis.from_url(redis_url(server), socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                           socket_timeout=COMMAND_TIMEOUT_S)
+        self._redis = dispatcher_client(server, timeout_s=COMMAND_TIMEOUT_S)
         self._prune = self._redis.register_script(PRUNE_SCRIPT)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,7 +62,7 @@ class Heartbeat:
     def beat(self) -> bool:
         """Write the key once; False (logged once per outage) when Redis does not take it."""
         try:
-            payload = json.dumps(self._describe(), separators=(",", ":"))
+            payload = self._describe().encode()
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(self._key, payload, ex=self._ttl)
             pipe.sadd(DISPATCHERS_SET, self._key)

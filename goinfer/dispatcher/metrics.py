@@ -15,11 +15,14 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from goinfer.queue import DispatcherHeartbeat
 
 log = logging.getLogger("goinfer.dispatcher")
 
@@ -45,27 +48,27 @@ DEADLINE_DROPPED = Counter("goinfer_dispatcher_deadline_dropped", "Requests drop
 class SupervisorCollector:
     """The supervisor's own numbers, read when Prometheus scrapes."""
 
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], DispatcherHeartbeat]) -> None:
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
         state = self._read()
-        labels = {"queue_index": str(state["queue_index"])}
+        labels = {"queue_index": str(state.queue_index)}
         restarts = CounterMetricFamily("goinfer_dispatcher_worker_restarts", "Workers that died and were restarted.",
                                        labels=list(labels))
-        restarts.add_metric(list(labels.values()), state["restarts"])
+        restarts.add_metric(list(labels.values()), state.restarts)
         live = GaugeMetricFamily("goinfer_dispatcher_live_workers", "Workers running with their models initialised.",
                                  labels=list(labels))
-        live.add_metric(list(labels.values()), state["live_workers"])
+        live.add_metric(list(labels.values()), state.live_workers)
         configured = GaugeMetricFamily("goinfer_dispatcher_max_workers", "Server.MaxWorkers.", labels=list(labels))
-        configured.add_metric(list(labels.values()), state["max_workers"])
+        configured.add_metric(list(labels.values()), state.max_workers)
         return [restarts, live, configured]
 
 
 class MetricsServer:
     """The supervisor's /metrics: its collector plus the workers' multiprocess files."""
 
-    def __init__(self, addr: str, port: int, read_state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, addr: str, port: int, read_state: Callable[[], DispatcherHeartbeat]) -> None:
         self._addr = addr
         self._port = port
         self._read_state = read_state
@@ -80,7 +83,7 @@ class MetricsServer:
     def start(self) -> None:
         """Listen; a port already taken is logged and the dispatcher serves on without metrics."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SupervisorCollector(self._read_state))  # type: ignore[arg-type]
+        registry.register(SupervisorCollector(self._read_state))
         if self._folder is not None:
             MultiProcessCollector(registry, path=self._folder)
         try:

@@ -1,8 +1,13 @@
 """`goinfer server N`: start `MaxWorkers` spawned workers on queue N and keep them running.
 
 The supervisor never imports model code's heavy parts nor runs a model: it only starts,
-watches and stops workers. A worker that fails to initialise stops the dispatcher (a broken
-deployment should fail loudly at start); one that dies later is restarted and logged.
+watches and stops workers, in one loop that never blocks on any one of them. What stops the
+dispatcher rather than being retried:
+- a worker whose models fail to initialise (exit status 1: a broken deployment fails loudly);
+- more worker deaths than the restart limit allows (exit status 1, restarts.py);
+- Redis refusing the credentials (one line, exit status 2, outage.py).
+Redis being away is waited out; the dispatcher says it is ready only once every worker can read
+its streams.
 
 It also tells the outside world about itself: a heartbeat in Redis (heartbeat.py) naming the
 streams its workers reported reading, and, with Server.MetricsPort, a /metrics endpoint
@@ -16,17 +21,21 @@ import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Sequence
 
 from goinfer import __version__
-from goinfer.connections import describe_redis
+from goinfer.cli_options import fatal
+from goinfer.connections import RedisRefused, describe_redis
 from goinfer.dispatcher.heartbeat import Heartbeat
 from goinfer.dispatcher.metrics import MetricsServer
-from goinfer.dispatcher.worker import worker_process_main
-from goinfer.processes import StopSignals, exit_code, stop_processes
-from goinfer.queue import dispatcher_key
+from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe
+from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
+from goinfer.dispatcher.worker import EXIT_REDIS_REFUSED, worker_process_main
+from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
+from goinfer.queue import DispatcherHeartbeat, dispatcher_key
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -38,6 +47,19 @@ class InitFailed(Exception):
     """A worker could not initialise its models; the message says which and why."""
 
 
+@dataclass
+class _Slot:
+    """One of the MaxWorkers places a worker runs in; a restarted worker takes its dead one's."""
+
+    index: int
+    process: BaseProcess | None = None
+    status: Connection | None = None  # the worker's reports (see worker.py), open while it lives
+    started_at: float = 0.0
+    initialised: bool = False
+    ready: bool = False
+    restart_at: float | None = None
+
+
 class Supervisor:
     """Starts, watches, restarts and stops the worker processes of one dispatcher."""
 
@@ -46,46 +68,51 @@ class Supervisor:
         self._queue_index = queue_index
         self._model_paths = list(model_paths)
         self._context = multiprocessing.get_context("spawn")
-        self._workers: dict[int, BaseProcess] = {}
+        server = settings.server
+        self._slots = [_Slot(index) for index in range(server.max_workers)]
+        self._restart_policy = RestartPolicy(server.worker_restart_limit, server.worker_restart_window_s)
+        # Who is reporting a Redis outage, shared with the workers so that it is told once (OutageLog).
+        self._reporter = self._context.RawValue("i", NOBODY)
         self._stop: StopSignals | None = None
+        self._probe: RedisProbe | None = None
         self.restarts = 0
-        # Worker slots whose models are initialised and that have not died since; read by the
-        # heartbeat thread and the metrics server, written only by the main thread.
-        self._live: set[int] = set()
+        # Read by the heartbeat thread and the metrics server, written only by the main thread.
         self._streams: list[str] = []  # as the workers report them: the supervisor imports no model
         self._apis: list[str] = []
         self._started_at = time.time()
-        server = settings.server
         self._metrics: MetricsServer | None = None
         if server.metrics_port:
             self._metrics = MetricsServer(server.metrics_addr, server.metrics_port + queue_index, self.state)
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> DispatcherHeartbeat:
         """What this dispatcher says about itself in its heartbeat and metrics; never a secret."""
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "queue_index": self._queue_index,
-            "streams": list(self._streams),
-            "apis": list(self._apis),
-            "models": list(self._model_paths),
-            "max_workers": self._settings.server.max_workers,
-            "live_workers": len(self._live),
-            "restarts": self.restarts,
-            "metrics_port": self._settings.server.metrics_port + self._queue_index
-            if self._settings.server.metrics_port else None,
-            "version": __version__,
-            "started_at": round(self._started_at, 3),
-            "heartbeat_at": round(time.time(), 3),
-            "heartbeat_interval_s": self._settings.server.heartbeat_interval_s,
-        }
+        server = self._settings.server
+        return DispatcherHeartbeat(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queue_index=self._queue_index,
+            streams=tuple(self._streams),
+            apis=tuple(self._apis),
+            models=tuple(self._model_paths),
+            max_workers=server.max_workers,
+            live_workers=sum(1 for slot in self._slots if slot.ready),
+            restarts=self.restarts,
+            metrics_port=server.metrics_port + self._queue_index if server.metrics_port else None,
+            version=__version__,
+            started_at=round(self._started_at, 3),
+            heartbeat_at=round(time.time(), 3),
+            heartbeat_interval_s=server.heartbeat_interval_s,
+        )
 
     @property
     def _stop_requested(self) -> bool:
         return self._stop is not None and self._stop.requested
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 if models failed to initialise."""
+        """Serve until SIGTERM/SIGINT: 0 after a clean stop, 1 when workers cannot be kept running.
+
+        Raises RedisRefused when Redis refuses the credentials (run_dispatcher makes it exit 2).
+        """
         self._stop = StopSignals()
         server = self._settings.server
         log.info("dispatcher for queue %d: %d workers, redis at %s, models %s", self._queue_index,
@@ -101,77 +128,129 @@ class Supervisor:
                 self._metrics.close()
 
     def _serve(self, heartbeat: Heartbeat) -> int:
+        probe = RedisProbe(self._settings.server, OutageLog(self._settings.server, SUPERVISOR, "dispatcher",
+                                                            self._reporter))
+        self._probe = probe
+        announced = False
         try:
-            self._start_workers(range(self._settings.server.max_workers))
-        except InitFailed as exc:
+            probe.check(time.monotonic())  # a refusal stops us here, before any model loads
+            for slot in self._slots:
+                self._spawn(slot)
+            while not self._stop_requested:
+                self._step(probe)
+                if not announced and not self._stop_requested and all(slot.ready for slot in self._slots):
+                    heartbeat.start()
+                    announced = True
+                    log.info("dispatcher for queue %d ready", self._queue_index)
+        except (InitFailed, TooManyDeaths) as exc:
             log.error("dispatcher stopping: %s", exc)
-            self._stop_workers()
             return 1
-        heartbeat.start()
-        log.info("dispatcher for queue %d ready", self._queue_index)
-        try:
-            self._watch()
-        except InitFailed as exc:
-            log.error("dispatcher stopping: %s", exc)
-            heartbeat.stop()
+        finally:
+            if announced:
+                heartbeat.stop()  # first: readiness probes stop counting us while workers finish
             self._stop_workers()
-            return 1
-        heartbeat.stop()  # first: readiness probes stop counting us while workers finish
-        self._stop_workers()
         log.info("dispatcher for queue %d stopped", self._queue_index)
         return 0
 
-    def _start_workers(self, indexes) -> None:
-        """Start workers and wait until each reports its models initialised."""
-        pending: dict[Connection, tuple[int, BaseProcess]] = {}
-        for index in indexes:
-            parent_end, child_end = self._context.Pipe(duplex=False)
-            process = self._context.Process(
-                target=worker_process_main,
-                args=(self._settings, self._queue_index, self._model_paths, index, child_end),
-                name=f"goinfer-worker-{self._queue_index}.{index}",
-                daemon=False,
-            )
-            process.start()
-            child_end.close()
-            self._workers[index] = process
-            pending[parent_end] = (index, process)
-        while pending:
-            if self._stop_requested:
-                return
-            ready = wait(list(pending), timeout=WATCH_INTERVAL_S)
-            for conn in ready:
-                index, process = pending.pop(conn)
-                try:
-                    status, detail = conn.recv()
-                except EOFError:
-                    raise InitFailed(f"worker {index} exited with code {exit_code(process)} during init") from None
-                finally:
-                    conn.close()
-                if status != "ready":
-                    raise InitFailed(f"worker {index} could not initialise the models: {detail}")
-                self._streams = list(detail.get("streams", self._streams))
-                self._apis = list(detail.get("apis", self._apis))
-                self._live.add(index)
+    def _step(self, probe: RedisProbe) -> None:
+        """Wait for the next thing to happen (a report, a death, a restart or PING due) and handle it."""
+        now = time.monotonic()
+        probe.check(now)
+        for slot in self._slots:
+            if slot.restart_at is not None and now >= slot.restart_at:
+                self._spawn(slot)
+        timeout = WATCH_INTERVAL_S
+        if not probe.answered:
+            timeout = min(timeout, probe.next_at - now)
+        for slot in self._slots:
+            if slot.restart_at is not None:
+                timeout = min(timeout, slot.restart_at - now)
+        reports = {slot.status: slot for slot in self._slots if slot.status is not None}
+        deaths = {slot.process.sentinel: slot for slot in self._slots if slot.process is not None}
+        happened = wait([*reports, *deaths], timeout=max(0.0, timeout))
+        if self._stop_requested:
+            return
+        for ready in happened:
+            if isinstance(ready, Connection) and ready in reports:
+                self._report(reports[ready])
+        for ready in happened:
+            if isinstance(ready, int) and ready in deaths:
+                self._died(deaths[ready])
 
-    def _watch(self) -> None:
-        while not self._stop_requested:
-            sentinels = {process.sentinel: index for index, process in self._workers.items()}
-            for sentinel in wait(list(sentinels), timeout=WATCH_INTERVAL_S):
-                if self._stop_requested:
-                    return
-                index = sentinels[sentinel]
-                process = self._workers[index]
-                code = exit_code(process, timeout_s=None)
-                self._live.discard(index)
-                self.restarts += 1
-                log.error("worker %d (pid %s) died with exit code %s; restarting it", index, process.pid, code)
-                self._start_workers([index])
+    def _spawn(self, slot: _Slot) -> None:
+        parent_end, child_end = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=worker_process_main,
+            args=(self._settings, self._queue_index, self._model_paths, slot.index, child_end, self._reporter),
+            name=f"goinfer-worker-{self._queue_index}.{slot.index}",
+            daemon=False,
+        )
+        start_child(process)
+        child_end.close()
+        slot.process, slot.status, slot.started_at = process, parent_end, time.monotonic()
+        slot.initialised = slot.ready = False
+        slot.restart_at = None
+
+    def _report(self, slot: _Slot) -> None:
+        """One report of a worker; a closed pipe just means the worker is exiting."""
+        assert slot.status is not None
+        try:
+            kind, detail = slot.status.recv()
+        except (EOFError, OSError):
+            slot.status.close()
+            slot.status = None
+            return
+        if kind == "failed":
+            raise InitFailed(f"worker {slot.index} could not initialise the models: {detail}")
+        if kind == "refused":
+            raise RedisRefused(detail)
+        if kind == "initialised":
+            slot.initialised = True
+        elif kind == "ready":
+            slot.ready = True
+            if self._probe is not None:
+                self._probe.answer_seen()  # the worker reached Redis: no need to PING any more
+            self._streams = list(detail.get("streams", self._streams))
+            self._apis = list(detail.get("apis", self._apis))
+
+    def _died(self, slot: _Slot) -> None:
+        assert slot.process is not None
+        process = slot.process
+        code = exit_code(process, timeout_s=None)
+        while slot.status is not None and slot.status.poll():
+            self._report(slot)  # what it said just before exiting: why it failed, if it knew
+        if slot.status is not None:
+            slot.status.close()
+        slot.process, slot.status, slot.ready = None, None, False
+        if code == EXIT_REDIS_REFUSED:
+            raise RedisRefused(f"redis at {describe_redis(self._settings.server)} refuses worker {slot.index}; "
+                               "see its log")
+        if not slot.initialised:
+            raise InitFailed(f"worker {slot.index} exited with code {code} during init")
+        now = time.monotonic()
+        try:
+            delay = self._restart_policy.died(slot.index, now - slot.started_at, now)
+        except TooManyDeaths:
+            log.error("worker %d (pid %s) died with exit code %s", slot.index, process.pid, code)
+            raise
+        self.restarts += 1
+        log.error("worker %d (pid %s) died with exit code %s; restarting it in %.1fs", slot.index, process.pid,
+                  code, delay)
+        slot.restart_at = now + delay
 
     def _stop_workers(self) -> None:
         """SIGTERM lets each worker finish its request; stragglers are killed after the grace."""
-        stop_processes(self._workers.values(), self._settings.server.shutdown_grace_s)
+        stop_processes([slot.process for slot in self._slots if slot.process is not None],
+                       self._settings.server.shutdown_grace_s)
+        for slot in self._slots:
+            if slot.status is not None:
+                slot.status.close()
+                slot.status = None
 
 
 def run_dispatcher(settings: Settings, queue_index: int, model_paths: Sequence[str]) -> int:
-    return Supervisor(settings, queue_index, model_paths).run()
+    """Run `goinfer server N`; its exit status. Redis refusing the credentials is one line, status 2."""
+    try:
+        return Supervisor(settings, queue_index, model_paths).run()
+    except RedisRefused as exc:
+        fatal(str(exc))
