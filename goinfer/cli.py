@@ -16,17 +16,21 @@ them to their own click group next to their models (go-infer's `rootCmd.AddComma
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
 
 from goinfer import __version__
-from goinfer.logs import setup_logging
-from goinfer.models.registry import ModelError, ModelRegistry, default_registry, resolve_models
 from goinfer.cli_options import fatal as _fatal
 from goinfer.cli_options import yaml_option
+from goinfer.logs import setup_logging
+from goinfer.models.registry import ModelError, ModelRegistry, default_registry, resolve_models
+from goinfer.published import published_verdict
 from goinfer.settings import Settings, SettingsError, load_settings
 from goinfer.tool_commands import TOOL_COMMANDS
+
+log = logging.getLogger("goinfer.cli")
 
 
 def _load(yaml_path: str) -> Settings:
@@ -35,6 +39,15 @@ def _load(yaml_path: str) -> Settings:
         return load_settings(yaml_path)
     except SettingsError as exc:
         _fatal(str(exc))
+
+
+def _refuse_published(settings: Settings) -> None:
+    """Published example credentials: one warning on loopback, exit status 2 anywhere else."""
+    verdict = published_verdict(settings)
+    if verdict.refused:
+        _fatal(verdict.message)
+    if verdict.warns:
+        log.warning("%s", verdict.message)
 
 
 def _models(settings: Settings) -> ModelRegistry:
@@ -63,10 +76,12 @@ def http_command(yaml_path: str, workers: int | None) -> None:
 
     Listens on API.Addr:API.Port. Stops cleanly on SIGTERM or Ctrl-C, answering the requests
     already in flight first. One process uses one core; give it --workers to use more.
+    Refuses go-infer's published example credentials on a non-loopback API.Addr.
     """
     from goinfer.http.server import run_http, run_http_processes
 
     settings = _load(yaml_path)
+    _refuse_published(settings)
     registry = _models(settings)
     count = workers or settings.api.http_workers
     try:
@@ -108,10 +123,12 @@ def up_command(yaml_path: str) -> None:
     If the settings' Redis is on this machine and does not answer, a private redis-server is
     started first (the installed one, or the one of the `goinfer[redis]` extra) with its files in
     a temporary folder. Ctrl-C or SIGTERM stops everything that was started.
+    Refuses go-infer's published example credentials on a non-loopback API.Addr.
     """
     from goinfer.up import run_up
 
     settings = _load(yaml_path)
+    _refuse_published(settings)
     _models(settings)  # refuse a broken model list before starting anything
     sys.exit(run_up(settings, _model_paths(settings)))
 
@@ -128,13 +145,13 @@ def add_commands(group: click.Group) -> click.Group:
 def main() -> None:
     """goinfer: serve models behind a signed HTTP API, with Redis between the tiers.
 
-    Run `goinfer up` on one machine, or `goinfer http` and `goinfer server N` on as many machines
-    as you need, all pointing at one Redis.
+    Start a project with `goinfer init DIR`. Run `goinfer up` on one machine, or `goinfer http`
+    and `goinfer server N` on as many machines as you need, all pointing at one Redis.
     """
 
 
 add_commands(main)
-for _tool in TOOL_COMMANDS:  # operator tools: call, keygen, check
+for _tool in TOOL_COMMANDS:  # operator tools: init, call, keygen, check
     main.add_command(_tool)
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ yaml_option = click.option(
     default=DEFAULT_SETTINGS_PATH,
     show_default=True,
     metavar="PATH",
-    help="The settings file (go-infer's settings.yaml schema).",
+    help="The settings file (go-infer's settings.yaml schema); GOINFER_<SECTION>__<KEY> variables override it.",
 )
 
 

@@ -2,8 +2,14 @@
 
 A go-infer deployment's file must load unchanged, so the YAML keys are go-infer's own (`API.Port`,
 `Server.RedisServer`, ...). Keys goinfer adds sit beside them with defaults. Every problem is
-reported as one line that names the file and the key, because an operator reading a start-up
-failure should not have to read a traceback.
+reported as one line that names the file (or environment variable) and the key, because an
+operator reading a start-up failure should not have to read a traceback; a secret's value is
+never part of that line.
+
+Any setting can also come from the environment, overriding the file, so that one file serves
+every host and secrets need not be written into it (twelve-factor, as TorchServe, BentoML and
+pydantic-settings do): `GOINFER_<SECTION>__<KEY>`, e.g. `GOINFER_SERVER__REDISPASSWD`, plus
+`GOINFER_MODELS`. Precedence: environment, then file, then defaults.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -22,6 +30,10 @@ from goinfer.errors import DEFAULT_ERROR_CODES, ErrorCode
 log = logging.getLogger("goinfer.settings")
 
 DEFAULT_SETTINGS_PATH = "config/settings.yaml"
+
+ENV_PREFIX = "GOINFER_"
+ENV_SEPARATOR = "__"  # between section and key: GOINFER_API__PORT
+ENV_MODELS = "GOINFER_MODELS"
 
 
 class SettingsError(Exception):
@@ -39,7 +51,9 @@ class ApiSettings:
     """The `API:` section: what the HTTP tier listens on and whom it trusts."""
 
     port: int = 5000
-    addr: str = "0.0.0.0"
+    # Loopback unless the operator says otherwise: a service started with example credentials
+    # must not be reachable from the network by accident.
+    addr: str = "127.0.0.1"
     sm2_private_key: str = field(default="", repr=False)
     app_id_secret: Mapping[str, str] = field(default_factory=dict, repr=False)
     request_timestamp_diff: float = 300.0
@@ -81,7 +95,7 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything goinfer reads from one settings file."""
+    """Everything goinfer reads from one settings file and the GOINFER_ environment variables."""
 
     path: str = DEFAULT_SETTINGS_PATH
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -89,6 +103,11 @@ class Settings:
     err_code: Mapping[str, ErrorCode] = field(default_factory=lambda: dict(DEFAULT_ERROR_CODES))
     customer: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[str, ...] = ()
+    # Unknown keys and GOINFER_ variables: ignored, as go-infer ignores unknown keys, but kept so
+    # that the tiers log them and `goinfer check` fails on them (a typo silently loses a setting).
+    warnings: tuple[str, ...] = ()
+    # The GOINFER_ variables that overrode the file (names only: their values may be secrets).
+    environment: tuple[str, ...] = ()
 
     def error(self, name: str) -> ErrorCode:
         """The code and message configured for one of the `ErrCode` names."""
@@ -100,14 +119,33 @@ class Settings:
 Check = Callable[[Any], Any]
 
 
+_NO_VALUE = object()
+
+
 class _Bad(ValueError):
-    """A value of the wrong type or range; its text completes "<file>: <key>: ..."."""
+    """A value of the wrong type or range; its text completes "<file>: <key>: ...".
+
+    The offending value is kept apart from the problem, so that a secret's message can say what
+    kind of value was wrong without printing it.
+    """
+
+    def __init__(self, problem: str, value: Any = _NO_VALUE) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.value = value
+
+    def text(self, secret: bool) -> str:
+        if self.value is _NO_VALUE:
+            return self.problem
+        if secret:
+            return f"{self.problem} {_kind(self.value)} (value not shown: a secret)"
+        return f"{self.problem} {_shown(self.value)}"
 
 
 def _int(minimum: int | None = None, maximum: int | None = None) -> Check:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Bad(f"expected an integer, got {_shown(value)}")
+            raise _Bad("expected an integer, got", value)
         if minimum is not None and value < minimum:
             raise _Bad(f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -120,7 +158,7 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Check:
 def _number(positive: bool = False) -> Check:
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Bad(f"expected a number, got {_shown(value)}")
+            raise _Bad("expected a number, got", value)
         if not math.isfinite(value) or (positive and value <= 0) or value < 0:
             raise _Bad(f"must be a {'positive' if positive else 'non-negative'} number, got {value}")
         return float(value)
@@ -131,13 +169,13 @@ def _number(positive: bool = False) -> Check:
 def _string(value: Any) -> str:
     # yaml.v3 decodes a bare scalar such as `RedisPasswd: 12345` into a Go string; do the same.
     if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
-        raise _Bad(f"expected a string, got {_shown(value)}")
+        raise _Bad("expected a string, got", value)
     return value if isinstance(value, str) else str(value)
 
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Bad(f"expected true or false, got {_shown(value)}")
+        raise _Bad("expected true or false, got", value)
     return value
 
 
@@ -145,7 +183,7 @@ def _string_map(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Bad(f"expected a mapping of appId to secret, got {_shown(value)}")
+        raise _Bad("expected a mapping of appId to secret, got", value)
     return {_string(k): _string(v) for k, v in value.items()}
 
 
@@ -153,7 +191,7 @@ def _string_list(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise _Bad(f"expected a list of strings, got {_shown(value)}")
+        raise _Bad("expected a list of strings, got", value)
     return tuple(_string(item) for item in value)
 
 
@@ -168,10 +206,14 @@ def _model_paths(value: Any) -> tuple[str, ...]:
     return paths
 
 
-def _shown(value: Any) -> str:
-    kind = {bool: "a boolean", type(None): "nothing", dict: "a mapping", list: "a list"}.get(
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", type(None): "nothing", dict: "a mapping", list: "a list"}.get(
         type(value), type(value).__name__
     )
+
+
+def _shown(value: Any) -> str:
+    kind = _kind(value)
     text = repr(value)
     return f"{kind} {text}" if len(text) <= 40 and kind not in ("nothing",) else kind
 
@@ -216,10 +258,18 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
 }
 
 _SECTIONS = ("API", "Server", "ErrCode", "Customer", "Models")
+_SCHEMAS: dict[str, dict[str, tuple[str, Check]]] = {"API": _API_KEYS, "Server": _SERVER_KEYS}
+_ENV_SECTIONS = ("API", "Server", "ErrCode", "Customer")  # Models is GOINFER_MODELS
+
+# Keys whose values no message shows: the credentials, and RedisServer, whose URL may hold one.
+SECRET_KEYS = frozenset({"API.SM2PrivateKey", "API.AppIdSecret", "Server.RedisPasswd", "Server.RedisServer"})
 
 
-def load_settings(path: str = DEFAULT_SETTINGS_PATH) -> Settings:
-    """Read and check a settings file; raise SettingsError with a one-line reason if unusable."""
+def load_settings(path: str = DEFAULT_SETTINGS_PATH, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check a settings file, overridden by the GOINFER_ variables of `environ`.
+
+    `environ` defaults to os.environ. Raises SettingsError with a one-line reason if unusable.
+    """
     try:
         with open(path, "rb") as handle:
             text = handle.read()
@@ -227,26 +277,28 @@ def load_settings(path: str = DEFAULT_SETTINGS_PATH) -> Settings:
         raise SettingsError(path, None, "file not found") from None
     except OSError as exc:
         raise SettingsError(path, None, f"cannot read: {exc.strerror or exc}") from None
-    return parse_settings(text, path)
+    return parse_settings(text, path, os.environ if environ is None else environ)
 
 
-def parse_settings(text: bytes | str, path: str = "<settings>") -> Settings:
-    """Build Settings from YAML text; `path` is only used in messages."""
+def parse_settings(text: bytes | str, path: str = "<settings>", environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from YAML text and the GOINFER_ variables of `environ` (none by default).
+
+    `path` is only used in messages.
+    """
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SettingsError(path, None, f"not valid YAML{where}: {problem}") from None
+        raise SettingsError(path, None, f"not valid YAML{_yaml_problem(exc)}") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
-        raise SettingsError(path, None, f"expected a mapping of sections, got {_shown(document)}")
-    _warn_unknown(path, "", document, _SECTIONS)
+        raise SettingsError(path, None, f"expected a mapping of sections, got {_kind(document)}")
+    warnings = _Warnings()
+    warnings.unknown_keys(path, "", document, _SECTIONS)
+    applied = _apply_environment(document, environ or {}, warnings)
 
-    api = _section(path, document, "API", _API_KEYS, ApiSettings)
-    server = _section(path, document, "Server", _SERVER_KEYS, ServerSettings)
+    api = _section(path, document, "API", ApiSettings, warnings)
+    server = _section(path, document, "Server", ServerSettings, warnings)
     if not server.queue_name:
         raise SettingsError(path, "Server.QueueName", "must not be empty")
     return Settings(
@@ -255,30 +307,171 @@ def parse_settings(text: bytes | str, path: str = "<settings>") -> Settings:
         server=server,
         err_code=_error_codes(path, document.get("ErrCode")),
         customer=_customer(path, document.get("Customer")),
-        models=_checked(path, "Models", _model_paths, document.get("Models")),
+        models=_value(path, "Models", _model_paths, document.get("Models")),
+        warnings=tuple(warnings),
+        environment=tuple(applied),
     )
 
 
-def _section(path: str, document: dict, name: str, keys: dict[str, tuple[str, Check]], cls: type):
+class _Warnings(list):
+    """Unknown keys and variables: logged where found (as go-infer ignores them) and kept."""
+
+    def add(self, message: str) -> None:
+        log.warning("%s", message)
+        self.append(message)
+
+    def unknown_keys(self, path: str, prefix: str, raw: dict, known: Iterable[str]) -> None:
+        names = list(known)
+        for key in raw:
+            if key not in names:
+                self.add(f"{path}: {prefix}{key}: unknown key, ignored{_suggestion(str(key), names, prefix)}")
+
+
+def _suggestion(name: str, known: list[str], prefix: str = "") -> str:
+    """The key the operator probably meant; go-infer's names are case-sensitive, so say so."""
+    same = [k for k in known if k.lower() == name.lower()]
+    if same:
+        return f"; did you mean {prefix}{same[0]}? (names are case-sensitive)"
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: {problem}"
+
+
+# --- the environment ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FromEnv:
+    """A value given by a GOINFER_ variable: raw text, typed once the key's type is known."""
+
+    text: str
+    variable: str
+    replaces: Any = None  # the file's value, for the untyped Customer section
+
+    @property
+    def where(self) -> str:
+        return f"environment variable {self.variable}"
+
+
+def _apply_environment(document: dict, environ: Mapping[str, str], warnings: _Warnings) -> list[str]:
+    """Put each GOINFER_<SECTION>__<KEY> variable into the document in place of the file's value.
+
+    Sections and keys match go-infer's names whatever their case, since variables are usually
+    upper case. Variables without the double underscore (GOINFER_LOG_LEVEL, ...) are not settings.
+    """
+    applied = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        if upper == ENV_MODELS:
+            document["Models"] = _FromEnv(environ[name], name)
+            applied.append(name)
+            continue
+        section_part, separator, key_part = name[len(ENV_PREFIX):].partition(ENV_SEPARATOR)
+        if not separator:
+            continue
+        section = _match(section_part, _ENV_SECTIONS)
+        if section is None:
+            hint = _env_suggestion(section_part.upper(), [s.upper() for s in _ENV_SECTIONS], ENV_PREFIX,
+                                   ENV_SEPARATOR + key_part)
+            warnings.add(f"environment variable {name}: unknown section {section_part!r}, ignored{hint}")
+            continue
+        raw = document.get(section)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            continue  # the file's section is refused with its own message
+        if section in _SCHEMAS:
+            known = list(_SCHEMAS[section])
+        elif section == "ErrCode":
+            known = list(dict.fromkeys([*DEFAULT_ERROR_CODES, *map(str, raw)]))
+        else:
+            known = [str(k) for k in raw]
+        key = _match(key_part, known)
+        if key is None and section == "Customer":
+            key = key_part  # free keys: as spelled in the variable
+        if key is None:
+            hint = _env_suggestion(key_part.upper(), [k.upper() for k in known],
+                                   f"{ENV_PREFIX}{section.upper()}{ENV_SEPARATOR}")
+            warnings.add(f"environment variable {name}: {section} has no key {key_part!r}, ignored{hint}")
+            continue
+        document[section] = {**raw, key: _FromEnv(environ[name], name, raw.get(key))}
+        applied.append(name)
+    return applied
+
+
+def _match(name: str, known: Iterable[str]) -> str | None:
+    folded = name.lower()
+    return next((k for k in known if k.lower() == folded), None)
+
+
+def _env_suggestion(name: str, known: list[str], prefix: str, suffix: str = "") -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {prefix}{close[0]}{suffix}?" if close else ""
+
+
+_TEXT_COLLECTIONS = (_string_map, _string_list, _model_paths)
+
+
+def _typed(env: _FromEnv, key: str, check: Check) -> Any:
+    """The variable's text as the key's type.
+
+    Strings are kept exactly as written: YAML would turn a password 0123 into 83 and yes into
+    True. Lists may be comma-separated; lists and mappings of strings are read with YAML's base
+    loader, which keeps every scalar a string. Numbers and booleans are read as YAML.
+    """
+    if check is _string:
+        return env.text
+    if check in (_string_list, _model_paths) and not env.text.lstrip().startswith(("[", "-")):
+        return [item.strip() for item in env.text.split(",") if item.strip()]
+    loader = yaml.BaseLoader if check in _TEXT_COLLECTIONS else yaml.SafeLoader
+    return _yaml_value(env, key, loader)
+
+
+def _yaml_value(env: _FromEnv, key: str, loader: type) -> Any:
+    try:
+        return yaml.load(env.text, Loader=loader)  # BaseLoader or SafeLoader: no object construction
+    except yaml.YAMLError as exc:
+        detail = "" if key in SECRET_KEYS else _yaml_problem(exc)
+        raise SettingsError(env.where, key, f"not valid YAML{detail}") from None
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+
+def _section(path: str, document: dict, name: str, cls: type, warnings: _Warnings) -> Any:
+    keys = _SCHEMAS[name]
     raw = document.get(name)
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise SettingsError(path, name, f"expected a mapping, got {_shown(raw)}")
-    _warn_unknown(path, f"{name}.", raw, keys)
+        raise SettingsError(path, name, f"expected a mapping, got {_kind(raw)}")
+    warnings.unknown_keys(path, f"{name}.", raw, keys)
     values = {
-        attr: _checked(path, f"{name}.{key}", check, raw[key])
+        attr: _value(path, f"{name}.{key}", check, raw[key])
         for key, (attr, check) in keys.items()
         if key in raw and raw[key] is not None
     }
     return cls(**values)
 
 
-def _checked(path: str, key: str, check: Check, value: Any) -> Any:
+def _value(path: str, key: str, check: Check, raw: Any) -> Any:
+    """One checked value; the message names where it came from and hides secrets."""
+    where = path
+    if isinstance(raw, _FromEnv):
+        where = raw.where
+        raw = _typed(raw, key, check)
     try:
-        return check(value)
+        return check(raw)
     except _Bad as exc:
-        raise SettingsError(path, key, str(exc)) from None
+        raise SettingsError(where, key, exc.text(key in SECRET_KEYS)) from None
 
 
 def _error_codes(path: str, raw: Any) -> dict[str, ErrorCode]:
@@ -286,16 +479,20 @@ def _error_codes(path: str, raw: Any) -> dict[str, ErrorCode]:
     if raw is None:
         return codes
     if not isinstance(raw, dict):
-        raise SettingsError(path, "ErrCode", f"expected a mapping, got {_shown(raw)}")
+        raise SettingsError(path, "ErrCode", f"expected a mapping, got {_kind(raw)}")
     for name, entry in raw.items():
         key = f"ErrCode.{name}"
+        where = path
+        if isinstance(entry, _FromEnv):
+            where = entry.where
+            entry = _yaml_value(entry, key, yaml.SafeLoader)
         if not isinstance(entry, dict):
-            raise SettingsError(path, key, f"expected {{code: <int>, msg: <text>}}, got {_shown(entry)}")
+            raise SettingsError(where, key, f"expected {{code: <int>, msg: <text>}}, got {_shown(entry)}")
         default = codes.get(str(name))
         if "code" not in entry and default is None:
-            raise SettingsError(path, f"{key}.code", "missing")
-        code = _checked(path, f"{key}.code", _int(), entry.get("code", default.code if default else 0))
-        msg = _checked(path, f"{key}.msg", _string, entry.get("msg", default.msg if default else ""))
+            raise SettingsError(where, f"{key}.code", "missing")
+        code = _value(where, f"{key}.code", _int(), entry.get("code", default.code if default else 0))
+        msg = _value(where, f"{key}.msg", _string, entry.get("msg", default.msg if default else ""))
         codes[str(name)] = ErrorCode(code, msg)
     return codes
 
@@ -304,14 +501,17 @@ def _customer(path: str, raw: Any) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise SettingsError(path, "Customer", f"expected a mapping, got {_shown(raw)}")
-    return {str(k): v for k, v in raw.items()}
+        raise SettingsError(path, "Customer", f"expected a mapping, got {_kind(raw)}")
+    return {str(k): _customer_value(v) for k, v in raw.items()}
 
 
-def _warn_unknown(path: str, prefix: str, raw: dict, known) -> None:
-    """Unknown keys are ignored as go-infer's YAML decoder ignores them, but a typo is named."""
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            log.warning("%s: %s%s: unknown key, ignored%s", path, prefix, key, hint)
+def _customer_value(value: Any) -> Any:
+    """Customer values have no schema: a variable replacing a string stays text, others are YAML."""
+    if not isinstance(value, _FromEnv):
+        return value
+    if isinstance(value.replaces, str):
+        return value.text
+    try:
+        return yaml.safe_load(value.text)
+    except yaml.YAMLError:
+        return value.text

@@ -1,4 +1,4 @@
-"""The operator tools `goinfer call`, `goinfer keygen` and `goinfer check`: thin click wrappers.
+"""The operator tools `goinfer init`, `call`, `keygen` and `check`: thin click wrappers.
 
 The work is in goinfer.tools, imported when a command runs, so that `goinfer --help` and the
 spawned worker processes (which import goinfer.cli) do not pay for it.
@@ -9,6 +9,7 @@ Exit statuses: 0 success; 1 the request or a check failed; 2 a usage or settings
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -79,16 +80,18 @@ def keygen_command() -> None:
 @click.command("check")
 @_yaml_option
 def check_command(yaml_path: str) -> None:
-    """Check a settings file: the file, its appIds, models, SM2 key and whether Redis answers.
+    """Check a settings file: keys, published credentials, appIds, models, SM2 key, Redis.
 
-    One line per check; exit status 0 only if all pass (2 if the file itself is unusable).
-    Secrets are never printed.
+    One line per check; exit status 0 only if all pass, 2 if the file is unusable or the tiers
+    would refuse it (go-infer's published example credentials on a non-loopback API.Addr).
+    Unknown keys and GOINFER_ variables fail here; the tiers only warn. Secrets are never printed.
     """
     from goinfer.logs import setup_logging
     from goinfer.settings import SettingsError
     from goinfer.tools import run_checks
 
-    setup_logging(os.environ.get("GOINFER_LOG_LEVEL") or "WARNING")  # unknown keys are named
+    setup_logging(os.environ.get("GOINFER_LOG_LEVEL") or "WARNING")
+    logging.getLogger("goinfer.settings").setLevel(logging.ERROR)  # unknown keys: FAIL lines below
     try:
         results = run_checks(yaml_path)
     except SettingsError as exc:
@@ -96,7 +99,60 @@ def check_command(yaml_path: str) -> None:
         sys.exit(EXIT_CONFIG)
     for result in results:
         click.echo(result.line())
-    sys.exit(0 if all(r.ok for r in results) else EXIT_FAILED)
+    sys.exit(max((r.exit_status for r in results if not r.ok), default=0))
 
 
-TOOL_COMMANDS = (call_command, keygen_command, check_command)
+@click.command("init")
+@click.argument("folder", metavar="[DIR]", default=".", type=click.Path(file_okay=False))
+def init_command(folder: str) -> None:
+    """Write a new project into DIR (default: here): settings.yaml with fresh credentials, and mymodel.py.
+
+    The settings have a new SM2 key pair, appId, appSecret and Redis password, and listen on
+    127.0.0.1; mymodel.py is a working model to edit. The client's credentials are printed
+    once, here. Existing files are never overwritten (exit status 2).
+    """
+    import shlex
+
+    from goinfer.project_init import API_PATH, SETTINGS_NAME, InitError, init_project
+
+    try:
+        project = init_project(folder)
+    except InitError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    creds = project.credentials
+    program = _goinfer_command()
+    cd = "" if os.path.abspath(folder) == os.getcwd() else f"cd {shlex.quote(folder)} && "
+    data = shlex.quote('{"text": "hello"}')
+    lines = [
+        f"Wrote {project.settings_path} (fresh credentials, readable by you only) and {project.model_path}.",
+        "",
+        "Client credentials, shown this once (they are in the settings file; keep them secret):",
+        f"  URL              {project.url}",
+        f"  appId            {creds.app_id}",
+        f"  appSecret        {creds.app_secret}    (signType SHA256 signs with it)",
+        f"  SM2 private key  {creds.keypair.private_b64}    (signType SM2 signs with it)",
+        f"  SM2 public key   {creds.keypair.public_hex_04}",
+        "",
+        "Start the service (models are imported from the working directory; Ctrl-C stops it):",
+        f"  {cd}{program} up --yaml {SETTINGS_NAME}",
+        "Call it, from another terminal:",
+        f"  {cd}{program} call {API_PATH} --data {data} --yaml {SETTINGS_NAME}",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _goinfer_command() -> str:
+    """How to run this goinfer again from another folder: `goinfer` when PATH finds this one."""
+    import shlex
+    import shutil
+
+    script = os.path.realpath(sys.argv[0])
+    if os.path.basename(script) != "goinfer" or not os.path.isfile(script):
+        return f"{shlex.quote(sys.executable)} -m goinfer"  # python -m goinfer
+    on_path = shutil.which("goinfer")
+    if on_path and os.path.realpath(on_path) == script:
+        return "goinfer"
+    return shlex.quote(os.path.abspath(sys.argv[0]))
+
+
+TOOL_COMMANDS = (init_command, call_command, keygen_command, check_command)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
-import socket
 import urllib.error
 from dataclasses import dataclass
 from typing import Any
 
 from goinfer.client import Client, GoinferError, SignType
+from goinfer.published import published_verdict
 from goinfer.settings import Settings, load_settings
 
 REDIS_CHECK_TIMEOUT_S = 3.0
@@ -31,7 +31,9 @@ __all__ = [
     "call",
     "check_clients",
     "check_models",
+    "check_published",
     "check_redis",
+    "check_settings",
     "check_sm2_key",
     "client_for",
     "default_url",
@@ -119,7 +121,7 @@ def call(client: Client, api_path: str, data: dict[str, Any]) -> dict[str, Any]:
         reason = exc.reason
         text = getattr(reason, "strerror", None) or str(reason)
         raise ToolError(f"cannot reach {client.url}: {text}") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise ToolError(f"no answer from {where} within {client.timeout:g}s") from None
     except (http.client.HTTPException, ConnectionError) as exc:
         raise ToolError(f"connection to {client.url} failed: {type(exc).__name__}: {exc}") from None
@@ -156,16 +158,46 @@ def new_keypair() -> KeyPair:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One line of `goinfer check`: what was checked, whether it passed, and why or what."""
+    """One line of `goinfer check`: what was checked, whether it passed, and why or what.
+
+    `exit_status` is what a failure makes `goinfer check` exit with: 2 for settings the tiers
+    refuse to start with, 1 for the rest. A `warning` passes but deserves the operator's eye.
+    """
 
     name: str
     ok: bool
     detail: str = ""
+    warning: bool = False
+    exit_status: int = 1
 
     def line(self) -> str:
-        if self.ok:
-            return f"{self.name}: ok" + (f" ({self.detail})" if self.detail else "")
-        return f"{self.name}: FAIL: {self.detail}"
+        if not self.ok:
+            return f"{self.name}: FAIL: {self.detail}"
+        if self.warning:
+            return f"{self.name}: WARNING: {self.detail}"
+        return f"{self.name}: ok" + (f" ({self.detail})" if self.detail else "")
+
+
+def check_settings(settings: Settings) -> list[CheckResult]:
+    """The file loads; each unknown key or GOINFER_ variable fails (the tiers only warn)."""
+    if settings.warnings:
+        return [CheckResult("settings", False, warning) for warning in settings.warnings]
+    server = settings.server
+    detail = (f"{settings.path}: API on {settings.api.addr}:{settings.api.port}, "
+              f"queues {server.queue_name}0..{server.request_queue_amount - 1}")
+    if settings.environment:
+        detail += f"; from the environment: {', '.join(settings.environment)}"
+    return [CheckResult("settings", True, detail)]
+
+
+def check_published(settings: Settings) -> CheckResult:
+    """go-infer's published example credentials: refused off loopback, a warning on it."""
+    verdict = published_verdict(settings)
+    if verdict.refused:
+        return CheckResult("secrets", False, verdict.message, exit_status=2)
+    if verdict.warns:
+        return CheckResult("secrets", True, verdict.message, warning=True)
+    return CheckResult("secrets", True, "no published example values")
 
 
 def check_models(settings: Settings) -> CheckResult:
@@ -207,10 +239,10 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
     """Redis answers PING with the settings' address and password, within `timeout` seconds."""
     import redis
     from redis.backoff import NoBackoff
-    from redis.exceptions import AuthenticationError, RedisError
+    from redis.exceptions import RedisError
     from redis.retry import Retry
 
-    from goinfer.connections import describe_redis, redis_url
+    from goinfer.connections import describe_redis, redis_url, refusal
 
     try:
         address = describe_redis(settings.server)
@@ -222,9 +254,10 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
     try:
         client.ping()
         version = client.info("server").get("redis_version", "?")
-    except AuthenticationError as exc:
-        return CheckResult("redis", False, f"{address} refuses Server.RedisPasswd: {exc}")
     except RedisError as exc:
+        refused = refusal(exc, settings.server)  # wrong or missing password, ACL: named, never shown
+        if refused is not None:
+            return CheckResult("redis", False, str(refused))
         return CheckResult("redis", False, f"{address} does not answer: {exc}")
     finally:
         client.close()
@@ -234,9 +267,8 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
 def run_checks(path: str, redis_timeout: float = REDIS_CHECK_TIMEOUT_S) -> list[CheckResult]:
     """Every check on one settings file; SettingsError when the file itself is unusable."""
     settings = load_settings(path)
-    server = settings.server
-    results = [CheckResult("settings", True, f"{path}: API on {settings.api.addr}:{settings.api.port}, "
-                                              f"queues {server.queue_name}0..{server.request_queue_amount - 1}")]
+    results = check_settings(settings)
+    results.append(check_published(settings))
     results.append(check_clients(settings))
     results.append(check_models(settings))
     results.append(check_sm2_key(settings))

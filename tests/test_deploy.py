@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,21 +28,20 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from goinfer.client import GoinferError, signed_body, unwrap
+from goinfer.tools import new_keypair
 
 from conftest import (
-    APP_ID,
-    APP_SECRET,
     ROOT,
-    SM2_PRIVATE_KEY,
     GoinferProcess,
     ProcessFactory,
     free_port,
@@ -49,6 +49,11 @@ from conftest import (
     wait_until,
     write_settings,
 )
+
+# Credentials of its own: the tiers refuse go-infer's published ones on a non-loopback address.
+APP_ID, APP_SECRET = secrets.token_hex(16).upper(), secrets.token_hex(16).upper()
+SM2_PRIVATE_KEY = new_keypair().private_b64
+OWN_CREDENTIALS = {"SM2PrivateKey": SM2_PRIVATE_KEY, "AppIdSecret": {APP_ID: APP_SECRET}}
 
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf"
 MODELS = ["sample_models:Recorder", "goinfer.models.echo:Echo"]
@@ -67,8 +72,9 @@ def render_nginx_conf(listen: str, tiers: list[str], log_dir: Path) -> str:
     values = {"LISTEN": listen, "HTTP_TIER_1": tiers[0], "HTTP_TIER_2": tiers[1], "LOG_DIR": str(log_dir)}
     text = NGINX_TEMPLATE.read_text()
     for name, value in values.items():
-        assert "{{%s}}" % name in text, f"deploy/nginx.conf lost its {{{{{name}}}}} placeholder"
-        text = text.replace("{{%s}}" % name, value)
+        placeholder = "{{" + name + "}}"
+        assert placeholder in text, f"deploy/nginx.conf lost its {placeholder} placeholder"
+        text = text.replace(placeholder, value)
     assert "{{" not in text, "deploy/nginx.conf has a placeholder the tests do not fill"
     return text
 
@@ -156,7 +162,7 @@ class Layout:
 
     @property
     def tiers(self) -> list[str]:
-        return [f"{host}:{port}" for host, port in zip(self.tier_hosts, self.tier_ports)]
+        return [f"{host}:{port}" for host, port in zip(self.tier_hosts, self.tier_ports, strict=True)]
 
 
 class Api:
@@ -230,22 +236,23 @@ def run_deployment(layout: Layout, tmp_path: Path, processes: ProcessFactory, re
     server = {"RequestQueueAmount": 2, "MaxWorkers": 1, "QueueName": queue, "MessageTimeout": 10}
     settings = [
         write_settings(tmp_path, layout.redis_address, name=f"http{n + 1}.yaml", Models=MODELS, Server=server,
-                       API={"Addr": layout.tier_hosts[n], "Port": layout.tier_ports[n]})
+                       API={"Addr": layout.tier_hosts[n], "Port": layout.tier_ports[n], **OWN_CREDENTIALS})
         for n in range(2)
     ]
     # Two dispatchers per queue, each tagged so its answers say who ran them.
     tags = ["q0a", "q0b", "q1a", "q1b"]
     dispatchers: dict[str, GoinferProcess] = {}
-    for tag, command_prefix in zip(tags, layout.dispatcher_prefixes):
+    for tag, command_prefix in zip(tags, layout.dispatcher_prefixes, strict=True):
         dispatchers[tag] = processes.server(settings[0], int(tag[1]), wait=False, env={"GOINFER_TEST_TAG": tag},
                                             program=[*command_prefix, sys.executable, "-m", "goinfer"])
     tiers = [processes.start("http", "--yaml", str(path), program=[*command_prefix, sys.executable, "-m", "goinfer"])
-             for path, command_prefix in zip(settings, layout.http_prefixes)]
+             for path, command_prefix in zip(settings, layout.http_prefixes, strict=True)]
     nginx = start_nginx(tmp_path / "nginx", layout.nginx_listen, layout.tiers, layout.nginx_prefix)
     api = Api(layout, threads=16)
     try:
-        for tier, address in zip(tiers, layout.tiers):
-            wait_until(lambda: tier.process.poll() is None and api.on_client(_status, f"http://{address}/") == 200,
+        for tier, address in zip(tiers, layout.tiers, strict=True):
+            wait_until(lambda tier=tier, address=address: tier.process.poll() is None
+                       and api.on_client(_status, f"http://{address}/") == 200,
                        30, f"the HTTP tier on {address}:\n{tier.output}")
         wait_until(lambda: nginx.process.poll() is None and api.on_client(_status, api.url + "/") == 200,
                    15, f"nginx to proxy:\n{nginx.output}")
@@ -332,7 +339,7 @@ def test_stopping_a_tier_under_load_loses_nothing(tmp_path, redis_server, proces
     server = {"MaxWorkers": 2, "QueueName": f"deploy-{uuid.uuid4().hex[:10]}-"}
     # The drain outlasts nginx's upstream keepalive_timeout (4 s): see deploy/nginx.conf.
     settings = [write_settings(tmp_path, redis_server.address, name=f"http{n}.yaml", Models=MODELS, Server=server,
-                               API={"ShutdownDrainS": 5})
+                               API={"ShutdownDrainS": 5, **OWN_CREDENTIALS})
                 for n in (1, 2)]
     processes.server(settings[0])
     tiers = [processes.http(path) for path in settings]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +41,65 @@ def test_a_model_without_api_path_is_named():
 
     with pytest.raises(ModelError, match="model .*NoPath does not define api_path"):
         ModelRegistry([NoPath])
+
+
+def _model(**hooks: Any) -> type:
+    """A model with working hooks, except those given."""
+    namespace: dict[str, Any] = {
+        "api_path": "/api/sig",
+        "init": lambda self: None,
+        "api_entry": lambda self, data: data,
+        "infer": lambda self, request_id, params: params,
+        **hooks,
+    }
+    return type("Sig", (Model,), namespace)
+
+
+@pytest.mark.parametrize("hooks, message", [
+    ({"infer": lambda self, params: params}, "infer must accept infer(self, request_id, params); it is "
+                                             "infer(self, params) (too many positional arguments)"),
+    ({"infer": lambda self, request_id, params, extra: params}, "infer must accept infer(self, request_id, params)"),
+    ({"api_entry": lambda self: {}}, "api_entry must accept api_entry(self, data)"),
+    ({"api_entry": staticmethod(lambda: {})}, "api_entry must accept api_entry(self, data)"),
+    ({"init": lambda self, weights: None}, "init must accept init(self); it is init(self, weights) "
+                                           "(missing a required argument: 'weights')"),
+    ({"infer_batch": lambda self: []}, "infer_batch must accept infer_batch(self, batch)"),
+    ({"infer": 42}, "infer must be a method infer(self, request_id, params), got 42"),
+])
+def test_a_hook_with_the_wrong_signature_is_named(hooks, message):
+    with pytest.raises(ModelError) as refused:
+        ModelRegistry([_model(**hooks)])
+    assert str(refused.value).startswith(f"model Sig: {message}"), str(refused.value)
+
+
+def test_an_async_hook_is_refused():
+    async def infer(self, request_id, params):
+        return params
+
+    with pytest.raises(ModelError, match="model Sig: infer must be a plain method infer\\(self, request_id, "
+                                         "params\\), not async"):
+        ModelRegistry([_model(infer=infer)])
+
+
+@pytest.mark.parametrize("hooks", [
+    {},
+    {"infer": lambda self, *args: {}},
+    {"infer": lambda self, request_id, params, extra=None: params},
+    {"api_entry": staticmethod(lambda data: data)},
+    {"api_entry": classmethod(lambda cls, data: data)},
+    {"infer_batch": lambda self, batch: []},
+    {"infer_batch": None},  # not callable: simply not batched
+])
+def test_hooks_the_framework_can_call_are_accepted(hooks):
+    assert len(ModelRegistry([_model(**hooks)])) == 1
+
+
+def test_a_dispatcher_refuses_a_model_with_a_wrong_signature(tmp_path, redis_server, processes):
+    settings = write_settings(tmp_path, redis_server.address, Models=["sample_models:WrongInferSignature"],
+                              Server={"MaxWorkers": 1})
+    server = processes.server(settings, wait=False)
+    assert server.process.wait(60) == 1
+    assert "model WrongInferSignature: infer must accept infer(self, request_id, params)" in server.output
 
 
 def test_bad_class_attributes_fail_at_definition():
@@ -144,7 +203,7 @@ def test_up_reports_a_child_that_dies_and_stops_the_rest(tmp_path, processes):
 
 
 def test_quick_start_model_next_to_the_settings_file(tmp_path, redis_server, processes):
-    """The README's quick start: a model module in the working directory, the `goinfer` script."""
+    """The README's model example: a module in the working directory, the `goinfer` script."""
     (tmp_path / "mymodels.py").write_text(
         "from goinfer import ApiError, Model\n\n"
         "class Reverse(Model):\n"

@@ -48,7 +48,8 @@ def test_go_infer_settings_load_unchanged():
     assert settings.api.app_id_secret == {"3EA25569454745D01219080B779F021F": "41DF0E6AE27B5282C07EF5124642A352"}
     assert settings.server.redis_server == "127.0.0.1:7480"
     assert settings.server.queue_name == "goinfer-synchronous-asynchronous-queue"
-    assert (settings.server.request_queue_amount, settings.server.message_timeout, settings.server.max_workers) == (1, 10, 8)
+    server = settings.server
+    assert (server.request_queue_amount, server.message_timeout, server.max_workers) == (1, 10, 8)
     assert settings.customer["BertVocabPath"] == "export/outputs/vocab.txt"
     # Keys the file leaves out get the defaults of go-infer's shipped settings.yaml.
     assert settings.api.request_timestamp_diff == 300
@@ -114,6 +115,7 @@ BAD_FILES = [
 BAD_MODELS = [
     ("Models: ['nosuchmodule:Thing']\n", "cannot import module 'nosuchmodule'"),
     ("Models: ['goinfer.models.echo:Nope']\n", "has no 'Nope'"),
+    ("Models: ['sample_models:WrongInferSignature']\n", "infer must accept infer(self, request_id, params)"),
 ]
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_secure_defaults import fresh_api, fresh_credentials
 
 from goinfer.crypto.sm2 import (
     SM2Verifier,
@@ -111,14 +112,42 @@ def _no_secrets(done: subprocess.CompletedProcess) -> None:
 
 
 def test_check_passes_on_a_good_file(tmp_path, redis_server):
-    settings = write_settings(tmp_path, redis_server.address)
+    creds = fresh_credentials()
+    settings = write_settings(tmp_path, redis_server.address, API=fresh_api(creds))
     done = goinfer("check", "--yaml", str(settings))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = _lines(done)
-    assert set(lines) == {"settings", "clients", "models", "SM2 key", "redis"}
+    assert set(lines) == {"settings", "secrets", "clients", "models", "SM2 key", "redis"}
     assert all(": ok" in line and "FAIL" not in line for line in lines.values()), done.stdout
     assert "/api/greet" in lines["models"] and redis_server.address in lines["redis"]
-    _no_secrets(done)
+    assert done.stderr == ""
+    for secret in (creds.app_secret, creds.sm2_private_key):
+        assert secret not in done.stdout
+
+
+@pytest.mark.parametrize("sections, failure", [
+    ({"Server": {"RedisPaswd": "pw-not-shown"}},
+     "settings: FAIL: {path}: Server.RedisPaswd: unknown key, ignored; did you mean Server.RedisPasswd?"),
+    ({"api": {"Port": 5001}},
+     "settings: FAIL: {path}: api: unknown key, ignored; did you mean API? (names are case-sensitive)"),
+])
+def test_check_fails_on_a_misspelt_key_or_section(tmp_path, redis_server, sections, failure):
+    settings = write_settings(tmp_path, redis_server.address, API=fresh_api(fresh_credentials()), **sections)
+    done = goinfer("check", "--yaml", str(settings))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if "FAIL" in line] == [failure.format(path=settings)]
+    assert "pw-not-shown" not in done.stdout + done.stderr
+    assert done.stderr == ""  # the FAIL line says it; no warning besides
+
+
+def test_check_fails_on_a_model_with_a_wrong_signature(tmp_path, redis_server):
+    settings = write_settings(tmp_path, redis_server.address, Models=["sample_models:WrongInferSignature"])
+    done = goinfer("check", "--yaml", str(settings))
+    assert done.returncode == 1
+    assert _lines(done)["models"] == (
+        f"models: FAIL: {settings}: Models: model WrongInferSignature: "
+        "infer must accept infer(self, request_id, params); it is infer(self, params) (too many positional arguments)"
+    )
 
 
 def test_check_names_a_bad_model_path(tmp_path, redis_server):

@@ -10,7 +10,7 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from goinfer.models.base import NOAPI_PREFIX, Model
 
@@ -77,7 +77,50 @@ def check_model_class(cls: object, where: str | None = None) -> type[Model]:
     timeout = cls.batch_timeout_ms
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
         raise ModelError(f"model {label}: batch_timeout_ms must be a non-negative number, got {timeout!r}")
+    for hook, arguments in HOOK_ARGUMENTS.items():
+        _check_hook(cls, label, hook, arguments)
     return cls
+
+
+# How the framework calls each hook (positionally): a method that cannot take these arguments
+# would fail at every request (or at every worker start) with a TypeError far from its cause.
+HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "init": (),
+    "api_entry": ("data",),
+    "infer": ("request_id", "params"),
+    "infer_batch": ("batch",),
+}
+
+
+def _check_hook(cls: type, label: str, hook: str, arguments: tuple[str, ...]) -> None:
+    attribute = inspect.getattr_static(cls, hook, None)
+    if attribute is None:
+        return  # infer_batch is optional; the others are abstract, so already checked
+    expected = f"{hook}(self{''.join(', ' + a for a in arguments)})"
+    bound: tuple[object, ...]
+    if isinstance(attribute, staticmethod):
+        function, bound = attribute.__func__, ()
+    elif isinstance(attribute, classmethod):
+        function, bound = attribute.__func__, (cls,)
+    elif inspect.isfunction(attribute):
+        function, bound = attribute, (object(),)
+    elif hook == "infer_batch" and not callable(attribute):
+        return  # not callable: the model is simply not batched (Model.supports_batching)
+    else:
+        raise ModelError(f"model {label}: {hook} must be a method {expected}, got {attribute!r}")
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: nothing to inspect
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        raise ModelError(f"model {label}: {hook} must be a plain method {expected}, not async: "
+                         "goinfer calls it directly")
+    try:
+        signature.bind(*bound, *arguments)
+    except TypeError as exc:
+        plain = signature.replace(parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                                  return_annotation=signature.empty)
+        raise ModelError(f"model {label}: {hook} must accept {expected}; it is {hook}{plain} ({exc})") from None
 
 
 class ModelRegistry:
