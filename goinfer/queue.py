@@ -73,6 +73,19 @@ def stream_name(queue_base: str, index: int) -> str:
     return f"{queue_base}{index}"
 
 
+# An HTTP process proves it still reads its reply list by refreshing this key every
+# TIER_ALIVE_REFRESH_S; it expires TIER_ALIVE_TTL_S after the process died (kill -9 included), so
+# a worker can skip a request whose client is gone instead of running it for nobody.
+TIER_ALIVE_SUFFIX = ":alive"
+TIER_ALIVE_REFRESH_S = 1.0
+TIER_ALIVE_TTL_S = 5
+
+
+def tier_alive_key(reply_to: str) -> str:
+    """The liveness key of the HTTP process that reads the reply list `reply_to`."""
+    return f"{reply_to}{TIER_ALIVE_SUFFIX}"
+
+
 def reply_key(http_process_id: str) -> str:
     return f"{REPLY_KEY_PREFIX}{http_process_id}"
 
@@ -108,14 +121,16 @@ class Job:
     params: dict[str, Any]
     reply_to: str
     deadline: float  # unix time after which the client has been answered with QueueTimeout
+    # The sender's tier_alive_key, when it keeps one: a worker skips the job once it has expired.
+    # None from senders that keep none, whose jobs are never skipped for it.
+    alive_key: str | None = None
 
     def encode(self) -> str:
-        return json.dumps(
-            {"id": self.id, "api": self.api, "params": self.params, "reply_to": self.reply_to,
-             "deadline": self.deadline},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        body: dict[str, Any] = {"id": self.id, "api": self.api, "params": self.params, "reply_to": self.reply_to,
+                                "deadline": self.deadline}
+        if self.alive_key is not None:
+            body["alive"] = self.alive_key
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Job:
@@ -131,6 +146,7 @@ class Job:
             params=params,
             reply_to=str(fields["reply_to"]),
             deadline=float(fields["deadline"]),
+            alive_key=str(fields["alive"]) if isinstance(fields.get("alive"), str) else None,
         )
 
     def expired(self, now: float | None = None) -> bool:
