@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                      # everything, 10 s per point
     python -m benchmarks.run --duration 5 --only echo-sha256,baseline
+    python -m benchmarks.run --duration 10 --only attack    # a probe's p99 alone and under attack
 
 Load comes from wrk when it is installed (bodies pre-signed once, so the client costs little),
 else from a built-in asyncio generator. Every point checks the answers: a response whose code is
@@ -12,7 +13,9 @@ ratios within a run, not numbers across machines.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -21,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from typing import Any
 
 from goinfer.client import SignType
 from goinfer.redis_server import RedisServer, RedisServerError
+from goinfer.settings import ApiSettings
 from goinfer.testing import (
     TEST_CREDENTIALS,
     GoinferProcess,
@@ -109,10 +115,11 @@ def redis_service() -> Iterator[Service]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_settings(service: Service, name: str, models: list[str], **server: Any) -> tuple[Path, int]:
+def write_settings(service: Service, name: str, models: list[str], api: dict[str, Any] | None = None,
+                   **server: Any) -> tuple[Path, int]:
     path = write_settings_file(
         service.folder, service.redis.address, name=f"{name}.yaml", Models=models,
-        API={"HttpWorkers": server.pop("http_workers", 1)},
+        API={"HttpWorkers": server.pop("http_workers", 1), **(api or {})},
         Server={"QueueName": f"bench-{name}-", "MessageTimeout": 30, **server},
     )
     return path, int(settings_of(path)["API"]["Port"])
@@ -270,6 +277,63 @@ def sleep_scenario(service: Service, args: Any, points: list[Point]) -> None:
     service.stop_tiers()
 
 
+def floats_attack_body(size: int) -> bytes:
+    """The example appId, a garbage signature and `data` full of floats: the costliest body to check."""
+    head = json.dumps({"appId": TEST_CREDENTIALS.app_id, "version": "1", "signType": "SHA256",
+                       "signData": "garbage", "encType": "plain", "timestamp": int(time.time())})
+    head = head[:-1] + ', "data": {"x": ['
+    return (head + ",".join(["1.5"] * ((size - len(head) - 3) // 4)) + "]}}").encode()
+
+
+def attack(port: int, body: bytes, codes: Counter[Any], stop: threading.Event) -> None:
+    """POST `body` again and again on one keep-alive connection, counting the answers' codes."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    while not stop.is_set():
+        try:
+            conn.request("POST", "/api/echo", body, {"Content-Type": "application/json"})
+            codes[json.loads(conn.getresponse().read())["code"]] += 1
+        except (OSError, ValueError, http.client.HTTPException):
+            conn.close()
+            codes["no envelope"] += 1
+    conn.close()
+
+
+def attack_scenario(service: Service, args: Any, points: list[Point]) -> None:
+    """A probe client's latency alone, then while two connections send bodies just under the
+    default MaxBodyBytes: floats with the example appId and a garbage signature, and brackets
+    without credentials (the two bodies that stalled the HTTP tier for seconds)."""
+    size = args.attack_bytes or ApiSettings().max_body_bytes
+    settings, port = write_settings(service, "attack", ["goinfer.models.echo:Echo"],
+                                    {"MaxBodyBytes": max(size, ApiSettings().max_body_bytes)}, MaxWorkers=2,
+                                    http_workers=args.http_workers)
+    service.start("server", "0", "--yaml", str(settings), log_name="server")
+    service.start("http", "--yaml", str(settings), log_name="http")
+    url = f"http://127.0.0.1:{port}/api/echo"
+    body = body_for({"text": "probe"}, "SHA256")
+    wait_http(port, "/api/echo", body)
+    note = f"{args.http_workers} HTTP proc, 1 probe connection"
+    points.append(drive(service, "probe-alone", url, body, 1, args.duration, note))
+    size -= 4096
+    bodies = {"floats": floats_attack_body(size), "brackets": b"[]" * (size // 2)}
+    codes: dict[str, Counter[Any]] = {name: Counter() for name in bodies}
+    stop = threading.Event()
+    attackers = [threading.Thread(target=attack, args=(port, bodies[name], codes[name], stop), daemon=True)
+                 for name in bodies]
+    for attacker in attackers:
+        attacker.start()
+    try:
+        time.sleep(1.0)
+        points.append(drive(service, "probe-under-attack", url, body, 1, args.duration,
+                            f"{note}; 2 attackers sending {size / 2**20:.1f} MiB bodies"))
+    finally:
+        stop.set()
+        for attacker in attackers:
+            attacker.join(120)
+    print(f"  attack answers: {dict(codes['floats'])} (floats), {dict(codes['brackets'])} (brackets)",
+          file=sys.stderr)
+    service.stop_tiers()
+
+
 SHORT_TEXT = "A man is playing a guitar on stage."
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog while the band keeps playing."] * 13)
 
@@ -311,18 +375,22 @@ def print_report(points: list[Point], memory: dict[str, float], args: Any) -> st
         lines.append(f"| {p.scenario} | {p.connections} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | "
                      f"{p.requests} | {p.errors} | {p.note} |")
     by = {(p.scenario, p.connections): p for p in points}
-    ratios = []
+    ratios: list[tuple[str, float, float | None]] = []
     if ("echo-sm2", 64) in by and ("echo-sha256", 64) in by:
         ratios.append(("SM2 / SHA256 echo, 64 conns", by["echo-sm2", 64].rps / by["echo-sha256", 64].rps, 0.9))
     if ("embedding-short-batch-on", 64) in by and ("embedding-short-batch-off", 64) in by:
         ratios.append(("embedding short, batched / unbatched, 64 conns",
                        by["embedding-short-batch-on", 64].rps / by["embedding-short-batch-off", 64].rps, 2.5))
+    if ("probe-alone", 1) in by and ("probe-under-attack", 1) in by:
+        ratios.append(("probe p99 under attack / alone (lower is better)",
+                       by["probe-under-attack", 1].p99_ms / by["probe-alone", 1].p99_ms, None))
     if ("echo-sha256", 64) in by and ("baseline-one-hop", 64) in by:
         ratios.append(("SHA256 echo / one-hop baseline, 64 conns",
                        by["echo-sha256", 64].rps / by["baseline-one-hop", 64].rps, 0.8))
     if ratios:
         lines += ["", "| ratio | value | target |", "|---|---:|---:|"]
-        lines += [f"| {name} | {value:.2f} | ≥ {target} |" for name, value, target in ratios]
+        lines += [f"| {name} | {value:.2f} | {'≤ 10' if target is None else f'≥ {target}'} |"
+                  for name, value, target in ratios]
     if memory:
         lines += ["", "| memory | MB |", "|---|---:|"]
         lines += [f"| {name} | {value:.1f} |" for name, value in memory.items()]
@@ -339,7 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", default="1,16,64,256", help="echo concurrency levels")
     parser.add_argument("--http-workers", type=int, default=1, help="goinfer http --workers (default 1)")
     parser.add_argument("--echo-workers", type=int, default=2, help="MaxWorkers of the echo dispatcher")
-    parser.add_argument("--only", default="", help="comma-separated: echo-sha256,echo-sm2,baseline,sleep,embedding")
+    parser.add_argument("--only", default="",
+                        help="comma-separated: echo-sha256,echo-sm2,baseline,sleep,attack,embedding")
+    parser.add_argument("--attack-bytes", type=int, default=0,
+                        help="attack: MaxBodyBytes and the bodies' size (default: the default MaxBodyBytes)")
     parser.add_argument("--output", help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     args.connections = [int(c) for c in args.connections.split(",")]
@@ -351,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             echo_scenarios(service, args, points, memory)
         if not args.only or "sleep" in args.only:
             sleep_scenario(service, args, points)
+        if not args.only or "attack" in args.only:
+            attack_scenario(service, args, points)
         if not args.only or "embedding" in args.only:
             embedding_scenarios(service, args, points, memory)
     report = print_report(points, memory, args)

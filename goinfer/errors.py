@@ -43,6 +43,11 @@ GOINFER_ERROR_CODES: dict[str, ErrorCode] = {
     "MethodNotAllowed": ErrorCode(9711, "method not allowed, use POST"),
     "BodyTimeout": ErrorCode(9712, "request body not received in time"),
     "Replayed": ErrorCode(9807, "request already received"),
+    # Bodies costly to check are checked in check processes, a bounded number at once
+    # (API.MaxUnverified, API.MaxUnverifiedPerClient); past the bound a request is refused at once.
+    "TooManyUnverified": ErrorCode(9713, "too many unverified requests in progress, try again later"),
+    # Each model's api_entry runs in a bounded thread pool (API.ApiEntryThreads, API.MaxWaitingApiEntries).
+    "ApiEntryBusy": ErrorCode(9714, "api entry busy, try again later"),
 }
 
 DEFAULT_ERROR_CODES: dict[str, ErrorCode] = {**GO_INFER_ERROR_CODES, **GOINFER_ERROR_CODES}

@@ -27,6 +27,7 @@ def _go_utf8_replace(exc: UnicodeError) -> tuple[str, int]:
 codecs.register_error("goinfer-go-utf8", _go_utf8_replace)
 
 _EXACT_INT_LIMIT = 2**53
+_NUMBER_TYPES = (float, int)  # exact types: bool is not a number here
 _LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -182,6 +183,10 @@ def _marshal_walk(value: Any) -> str:
                 work.append((True, ("," if index else "") + _string(key) + ":"))
             work.append((True, "{"))
         elif isinstance(item, list):
+            # A vector of numbers (checked on the first item before all of them): no walk per number.
+            if (not item or type(item[0]) in _NUMBER_TYPES) and all(type(x) in _NUMBER_TYPES for x in item):
+                out.append("[" + ",".join([go_json_number(float(x)) for x in item]) + "]")
+                continue
             work.append((True, "]"))
             for index in range(len(item) - 1, -1, -1):
                 work.append((False, item[index]))
@@ -227,12 +232,23 @@ def _fixed(value: float) -> str:
 
 
 def go_json_number(value: float) -> str:
-    """A float64 as Go's encoding/json writes it ('f' format, 'e' below 1e-6 or from 1e21)."""
+    """A float64 as Go's encoding/json writes it ('f' format, 'e' below 1e-6 or from 1e21).
+
+    Both Go and Python's repr write the shortest digits that round-trip, so repr's text is
+    reused where the notations agree (most numbers): the general path via Decimal costs ~3x
+    more, and a body of floats is the costliest thing a client can make the tier check.
+    """
     if value == 0:
         return "-0" if math.copysign(1.0, value) < 0 else "0"
+    text = repr(value)
+    if "e" not in text:  # 1e-4 <= |value| < 1e16: Go's 'f' spelling, less repr's ".0"
+        return text[:-2] if text.endswith(".0") else text
     magnitude = abs(value)
-    if magnitude < 1e-6 or magnitude >= 1e21:
-        return _scientific(value, cleanup=True)
+    if magnitude < 1e-6 or magnitude >= 1e21:  # 'e' in both, with Go's exponent cleanup (e-07 -> e-7)
+        mantissa, _, exponent = text.partition("e")
+        if len(exponent) == 3 and exponent[0] == "-" and exponent[1] == "0":
+            exponent = "-" + exponent[2]
+        return f"{mantissa}e{exponent}"
     return _fixed(value)
 
 

@@ -4,11 +4,17 @@ POST <api_path>: read the body (bounded) -> checkSign -> model.api_entry -> queu
 go-infer's envelope. Every failure on that way is answered in the envelope with its code; none
 becomes a traceback or a 500. Each answer is counted (metrics.py) and, with API.AccessLog, is one
 line on the `goinfer.access` logger. GET /health, /ready, /metrics, /goinfer/status: ops.py.
+
+The event loop serves every client, so nothing a request brings runs long on it: bodies that
+are not cheap to check are checked in check processes (offload.py), with a bound on how many are
+received or checked at once (admission.py), and api_entry runs in its model's threads
+(entry_pool.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -21,10 +27,13 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from goinfer.errors import ApiError
 from goinfer.http import envelope
+from goinfer.http.admission import Admission
+from goinfer.http.entry_pool import ApiEntryPool, EntryBusy
 from goinfer.http.metrics import UNROUTED, HttpMetrics
+from goinfer.http.offload import CheckPool, CheckUnavailable, cheap_to_check
 from goinfer.http.ops import OpsEndpoints
 from goinfer.http.queue_client import QueueClient, QueueFull, Replayed, ReplyTimeout, SendFailure
-from goinfer.http.signing import SignatureChecker, SignCheckFailure
+from goinfer.http.signing import SignatureChecker, SignCheckFailure, SignedRequest
 from goinfer.models.base import NOAPI_PREFIX, Model
 from goinfer.queue import Job, Reply, choose_stream, replay_key
 from goinfer.settings import Settings
@@ -59,15 +68,23 @@ class ApiHandler:
     """Serves every model's api_path; one instance per HTTP process."""
 
     def __init__(self, settings: Settings, models: Mapping[str, Model], checker: SignatureChecker,
-                 queue: QueueClient, metrics: HttpMetrics) -> None:
+                 queue: QueueClient, metrics: HttpMetrics, check_pool: CheckPool | None = None) -> None:
+        api = settings.api
         self._settings = settings
         self._metrics = metrics
-        self._access_log = settings.api.access_log
+        self._access_log = api.access_log
         self._models = dict(models)
         self._checker = checker
+        self._check_pool = check_pool
+        self._inline_check = api.inline_check_bytes
+        self._admission = Admission(api.max_unverified_per_client, api.max_unverified)
+        # ApiEntryThreads 0: api_entry on the event loop, as before (no thread hand-off to pay).
+        self.entry_pools = {path: ApiEntryPool(type(model).__name__, api.api_entry_threads,
+                                               api.max_waiting_api_entries)
+                            for path, model in self._models.items()} if api.api_entry_threads else {}
         self._queue = queue
         self._timeout = settings.server.message_timeout
-        self._max_body = settings.api.max_body_bytes
+        self._max_body = api.max_body_bytes
         server = settings.server
         self._queue_amount = server.request_queue_amount
         self._default_queue = server.queue_name
@@ -98,24 +115,21 @@ class ApiHandler:
         return outcome.response
 
     async def _serve(self, model: Model, request: web.Request) -> Outcome:
-        body = await self._read_body(request)
-        if isinstance(body, Outcome):
-            return body
-        try:
-            signed = self._checker.check(body)
-        except SignCheckFailure as refused:
-            return self._fail(refused.code_name, detail=refused.detail)
+        signed = await self._receive(request)
+        if isinstance(signed, Outcome):
+            return signed
 
         app_id = signed.app_id
         request_id = envelope.new_request_id()
         arrived = time.time()
+        pool = self.entry_pools.get(model.api_path)
         try:
-            params = model.api_entry(signed.data)
-            if not isinstance(params, dict):
-                raise TypeError(f"api_entry must return a dict, returned {type(params).__name__}")
-            # Encoding here refuses params that cannot travel as JSON, with the model's name.
-            payload = Job(request_id, model.api_path, params, self._queue.reply_key,
-                          arrived + self._timeout).encode()
+            if pool is None:
+                payload = self._job_of(model, signed.data, request_id, arrived)
+            else:
+                payload = await pool.run(functools.partial(self._job_of, model, signed.data, request_id, arrived))
+        except EntryBusy as exc:
+            return self._fail("ApiEntryBusy", app_id, request_id, str(exc))
         except ApiError as exc:
             return self._fail("ApiEntryFail", app_id, request_id, exc.msg, code=exc.code)
         except Exception as exc:
@@ -142,6 +156,58 @@ class ApiHandler:
         if not isinstance(reply.data, dict):
             return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
         return Outcome(envelope.success(app_id, request_id, reply.data), 0, app_id, request_id, reply)
+
+    def _job_of(self, model: Model, data: dict, request_id: str, arrived: float) -> str:
+        """model.api_entry and the encoded Job: in one of the model's api_entry threads (on the
+        event loop with ApiEntryThreads 0)."""
+        params = model.api_entry(data)
+        if not isinstance(params, dict):
+            raise TypeError(f"api_entry must return a dict, returned {type(params).__name__}")
+        # Encoding here refuses params that cannot travel as JSON, with the model's name.
+        return Job(request_id, model.api_path, params, self._queue.reply_key, arrived + self._timeout,
+                   alive_key=self._queue.alive_key).encode()
+
+    async def _receive(self, request: web.Request) -> SignedRequest | Outcome:
+        """The body, read and checked: what the request costs before its signature is known good.
+
+        A body that is not cheap to check is checked in a check process, once it has a place in
+        the admission bound (else it is refused at once, 429): one that may be larger than
+        InlineCheckBytes takes its place before it is read, so refusing it costs no reading.
+        """
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return self._too_large()  # before taking a place: it will not be read at all
+        client = request.remote or ""
+        admitted = False
+        # Without a length (chunked) or with a Content-Encoding, the size is known only once read.
+        if self._check_pool is not None and (length is None or length > self._inline_check
+                                             or request.headers.get("Content-Encoding")):
+            refused = self._admission.enter(client)
+            if refused is not None:
+                outcome = self._fail("TooManyUnverified", detail=refused, status=429)
+                outcome.response.force_close()  # rather than read and discard the body it refused
+                return outcome
+            admitted = True
+        try:
+            body = await self._read_body(request)
+            if isinstance(body, Outcome):
+                return body
+            now = self._checker.now()
+            if self._check_pool is None or cheap_to_check(body, self._inline_check):
+                return self._checker.check(body, now)
+            if not admitted:
+                refused = self._admission.enter(client)
+                if refused is not None:
+                    return self._fail("TooManyUnverified", detail=refused, status=429)
+                admitted = True
+            return await self._check_pool.check(body, now)
+        except SignCheckFailure as refused_body:
+            return self._fail(refused_body.code_name, detail=refused_body.detail)
+        except CheckUnavailable as exc:
+            return self._fail("TooManyUnverified", detail=f"{exc}; try again", status=429)
+        finally:
+            if admitted:
+                self._admission.leave(client)
 
     def _too_large(self) -> Outcome:
         return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
@@ -182,9 +248,11 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     """The aiohttp application of one HTTP process; the queue client starts and stops with it."""
     routed = {path: model for path, model in models.items() if not path.startswith(NOAPI_PREFIX)}
     metrics = HttpMetrics()
-    api = ApiHandler(settings, routed, checker, queue, metrics)
+    check_pool = CheckPool(settings.api, settings.api.check_processes) if settings.api.check_processes else None
+    api = ApiHandler(settings, routed, checker, queue, metrics, check_pool)
     state = TierState()
-    ops = OpsEndpoints(settings, routed, metrics, lambda: queue.in_flight, lambda: state.draining)
+    ops = OpsEndpoints(settings, routed, metrics, lambda: queue.in_flight, lambda: state.draining,
+                       redis_reachable=lambda: not queue.health.down)
 
     @web.middleware
     async def envelope_and_drain(request: web.Request, handler) -> web.StreamResponse:
@@ -217,6 +285,16 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
         yield
         await queue.close()
 
+    async def offload_lifecycle(app: web.Application):
+        if check_pool is not None:
+            check_pool.start()
+        yield
+        if check_pool is not None:
+            check_pool.close()
+        for pool in api.entry_pools.values():
+            pool.close()
+
     app.cleanup_ctx.append(queue_lifecycle)
     app.cleanup_ctx.append(ops.lifecycle)
+    app.cleanup_ctx.append(offload_lifecycle)
     return app

@@ -14,6 +14,8 @@ from typing import Any
 from aiohttp import web
 
 JSON_CONTENT_TYPE = "application/json"
+# RecvMsgFail's default code: a reply whose data cannot be written as strict JSON.
+UNSENDABLE_REPLY_CODE = 9703
 
 
 def new_request_id() -> str:
@@ -22,7 +24,10 @@ def new_request_id() -> str:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return (json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    """Strict JSON in valid UTF-8, always: a lone surrogate in a message (from a model's exception
+    text) is written as "?" rather than failing the answer; NaN raises ValueError."""
+    text = json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return (text + "\n").encode("utf-8", "replace")
 
 
 def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
@@ -38,7 +43,11 @@ def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
         "timestamp": int(time.time()),
         "data": payload,
     }
-    return web.Response(body=_encode(body), content_type=JSON_CONTENT_TYPE)
+    try:
+        encoded = _encode(body)
+    except ValueError:  # NaN or Infinity, which only a foreign or outdated worker would send
+        return failure(app_id, request_id, UNSENDABLE_REPLY_CODE, "receive message fail : reply data is not valid JSON")
+    return web.Response(body=encoded, content_type=JSON_CONTENT_TYPE)
 
 
 def failure(app_id: str, request_id: str, code: int, msg: str, status: int = 200) -> web.Response:
