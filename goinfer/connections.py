@@ -1,25 +1,45 @@
 """How both tiers reach Redis: go-infer's `RedisServer`/`RedisPasswd`, or a redis:// URL.
 
 Kept in one place so that timeouts, TLS and passwords behave the same in the HTTP tier, the
-dispatchers and the tools.
+dispatchers and the tools. Every connection has a socket timeout and TCP keepalive: a Redis
+whose host vanished (rebooted, its virtual IP moved) sends no error, only silence, and a
+connection without both would wait for it forever. redis-py retries nothing on its own here:
+resending a command whose answer was lost may run it twice (a request queued twice), so the
+callers decide what may be retried.
 """
 
 from __future__ import annotations
 
+import socket
+from typing import Any
 from urllib.parse import quote
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
     NoPermissionError,
+    OutOfMemoryError,
+    ResponseError,
 )
+from redis.retry import Retry
 
 from goinfer.settings import ServerSettings
 
 CONNECT_TIMEOUT_S = 2.0
+# A pooled connection idle this long is PINGed before it carries a command, so a connection
+# that died while idle fails before the command is written, not after.
+HEALTH_CHECK_INTERVAL_S = 5
+# The kernel probes an idle connection after 5 s and gives up after 3 unanswered probes 2 s
+# apart; data unacknowledged for 10 s also ends the connection (TCP_USER_TIMEOUT, Linux).
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 3
+UNACKNOWLEDGED_LIMIT_MS = 10_000
 
 
 def redis_url(server: ServerSettings) -> str:
@@ -48,27 +68,48 @@ def describe_redis(server: ServerSettings) -> str:
     return f"{host}:{port}"
 
 
-def async_client(server: ServerSettings, *, blocking: bool = False) -> redis.asyncio.Redis:
-    """A client for the HTTP tier; `blocking` ones have no read timeout (for BLPOP-style calls)."""
+def keepalive_options() -> dict[int, int]:
+    """TCP keepalive and user-timeout socket options, for redis-py's `socket_keepalive_options`.
+
+    The kernel's defaults (two hours of idleness before the first probe) notice a dead peer far
+    too late; options the platform lacks are left out.
+    """
+    wanted = (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPALIVE", KEEPALIVE_IDLE_S),  # macOS's name
+              ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S), ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+              ("TCP_USER_TIMEOUT", UNACKNOWLEDGED_LIMIT_MS))
+    options: dict[int, int] = {}
+    for name, value in wanted:
+        option = getattr(socket, name, None)
+        if option is not None and option not in options:
+            options[option] = value
+    return options
+
+
+def _connection_options(timeout_s: float) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "retry": AsyncRetry(NoBackoff(), 0),
+    }
+
+
+def async_client(server: ServerSettings, *, blocking_s: float = 0.0) -> redis.asyncio.Redis:
+    """A client for the HTTP tier. A command gets `Server.RedisTimeoutS` to be answered; one that
+    blocks in Redis on purpose (BLPOP with a timeout) passes that timeout as `blocking_s`, which
+    is added, so a blocking read on a dead connection still ends a little after it should have."""
     return redis.asyncio.Redis.from_url(
-        redis_url(server),
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=None if blocking else max(server.message_timeout, 5.0),
-        socket_keepalive=True,
-        health_check_interval=30,
-        max_connections=None,
+        redis_url(server), max_connections=None, **_connection_options(server.redis_timeout_s + blocking_s),
     )
 
 
-def sync_client(server: ServerSettings) -> redis.Redis:
-    """A client for dispatcher workers, which block on XREADGROUP for at most a second."""
-    return redis.Redis.from_url(
-        redis_url(server),
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=30.0,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
+def sync_client(server: ServerSettings, *, timeout_s: float = 30.0) -> redis.Redis:
+    """A blocking client (start-up checks, `goinfer up`); dispatchers use outage.dispatcher_client."""
+    options = _connection_options(timeout_s)
+    options["retry"] = Retry(NoBackoff(), 0)
+    return redis.Redis.from_url(redis_url(server), **options)
 
 
 # Redis answered, and said no to the credentials (WRONGPASS, NOAUTH) or to a command (NOPERM).
@@ -78,6 +119,15 @@ _REFUSALS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, Authoriz
 def is_refusal(exc: BaseException) -> bool:
     """Whether `exc` is Redis refusing us for good (as opposed to being away for a while)."""
     return isinstance(exc, _REFUSALS)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is Redis at `maxmemory` refusing a command that needs memory (OOM).
+
+    It passes once memory is freed (commands that free it, XACK, XDEL, DEL, are still accepted),
+    so a caller keeps what it wanted to write and retries; it is neither an outage nor a refusal.
+    """
+    return isinstance(exc, ResponseError) and (isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM "))
 
 
 class RedisRefused(Exception):

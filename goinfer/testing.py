@@ -22,13 +22,16 @@ the process's output attached.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +48,7 @@ from goinfer.crypto.sm2 import generate_keypair
 from goinfer.redis_server import RedisServer, RedisServerError, start_redis_server
 
 __all__ = [
-    "TEST_CREDENTIALS", "Credentials", "GoinferProcess", "HarnessError", "ProcessFactory", "RedisServer",
+    "TEST_CREDENTIALS", "Credentials", "FaultProxy", "GoinferProcess", "HarnessError", "ProcessFactory", "RedisServer",
     "RedisServerError", "free_port", "merge_settings", "post_raw", "process_env", "settings_of", "start_redis",
     "url_of", "wait_for_answer", "wait_until", "write_settings",
 ]
@@ -118,6 +121,195 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, int
 def start_redis(port: int | None = None, *, password: str | None = None) -> RedisServer:
     """A private redis-server on loopback (a free port unless given); stop it with `.stop()` or `with`."""
     return start_redis_server(port or free_port(), password=password)
+
+
+class FaultProxy:
+    """A TCP proxy that fails the way networks do, for putting between a goinfer tier and Redis.
+
+    Point a tier's `Server.RedisServer` at `proxy.address` and the proxy forwards to the real
+    server until told otherwise:
+
+    - `blackhole()`: nothing is forwarded any more, in either direction, but every socket stays
+      open, as when Redis's host reboots or a virtual IP moves: the peer sees no error, only
+      silence. New connections are accepted and held the same way, unless
+      `new_connections=False` (the address now leads to a healthy server: only the connections
+      made before are dead). `answers_only=True` holds only what Redis sends back: commands
+      still reach it and run, their answers are lost on the way (a one-way partition).
+    - `reset()`: every open connection is closed with a TCP RST (SO_LINGER 0) on both sides.
+    - `heal()`: forwarding resumes; bytes held while black-holed are delivered then, as when a
+      network partition ends.
+
+    It runs its own event loop in a daemon thread, so tests call it from plain code.
+    """
+
+    def __init__(self, target_host: str, target_port: int, port: int | None = None) -> None:
+        self.target = (target_host, target_port)
+        self.port = port or free_port()
+        self.resets = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="goinfer-fault-proxy", daemon=True)
+        self._connections: set[_ProxiedConnection] = set()
+        self._hold_new: tuple[bool, bool] | None = None  # (commands, answers) held on new connections
+        self._server: asyncio.AbstractServer | None = None
+
+    @classmethod
+    def to(cls, redis_server: RedisServer) -> FaultProxy:
+        """A started proxy in front of `redis_server`."""
+        return cls(redis_server.host, redis_server.port).start()
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as `Server.RedisServer` spells it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def open_connections(self) -> int:
+        return self._call(self._count)
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        self._call(self._listen)
+        return self
+
+    def blackhole(self, new_connections: bool = True, answers_only: bool = False) -> None:
+        """Stop forwarding on every open connection (and on new ones unless `new_connections` is
+        False); with `answers_only`, only from Redis back to its clients."""
+        self._call(self._blackhole, new_connections, answers_only)
+
+    def heal(self) -> None:
+        """Forward again, on every connection; what was held is delivered now."""
+        self._call(self._heal)
+
+    def reset(self) -> int:
+        """Close every open connection with a TCP RST; returns how many there were."""
+        return self._call(self._reset)
+
+    def stop(self) -> None:
+        """Close the listening socket and every connection, and end the thread."""
+        if not self._thread.is_alive():
+            return
+        self._call(self._close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        async def run() -> Any:
+            result = function(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def _count(self) -> int:
+        return len(self._connections)
+
+    def _blackhole(self, new_connections: bool, answers_only: bool) -> None:
+        self._hold_new = (not answers_only, True) if new_connections else None
+        for connection in self._connections:
+            connection.hold(commands=not answers_only, answers=True)
+
+    def _heal(self) -> None:
+        self._hold_new = None
+        for connection in self._connections:
+            connection.hold(commands=False, answers=False)
+
+    def _reset(self) -> int:
+        connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            connection.abort()
+        self.resets += 1
+        return len(connections)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._reset()
+        # Aborted sockets end their pumps; waiting for them keeps the loop's shutdown quiet.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=2)
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        connection = _ProxiedConnection(client_writer)
+        commands, answers = self._hold_new or (False, False)
+        connection.hold(commands=commands, answers=answers)
+        self._connections.add(connection)
+        try:
+            await connection.to_server.wait()
+            if client_writer.transport.is_closing():  # reset while held
+                return
+            try:
+                server_reader, server_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                connection.abort()
+                return
+            connection.server_writer = server_writer
+            await asyncio.gather(connection.pump(client_reader, server_writer, connection.to_server),
+                                 connection.pump(server_reader, client_writer, connection.to_client))
+        finally:
+            self._connections.discard(connection)
+            connection.close()
+
+
+class _ProxiedConnection:
+    """One client connection of a FaultProxy and its connection to the target."""
+
+    def __init__(self, client_writer: asyncio.StreamWriter) -> None:
+        self.client_writer = client_writer
+        self.server_writer: asyncio.StreamWriter | None = None
+        self.to_server = asyncio.Event()  # set: commands flow
+        self.to_client = asyncio.Event()  # set: answers flow
+
+    def hold(self, *, commands: bool, answers: bool) -> None:
+        for event, held in ((self.to_server, commands), (self.to_client, answers)):
+            if held:
+                event.clear()
+            else:
+                event.set()
+
+    async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
+        """Copy one direction while flowing; bytes read just before a black-hole wait for the heal."""
+        try:
+            while True:
+                await flowing.wait()
+                data = await reader.read(65536)
+                await flowing.wait()
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+        except (OSError, RuntimeError):
+            self.abort()
+
+    def abort(self) -> None:
+        """Both sides closed with RST (SO_LINGER 0), as a crashed peer or a middlebox does."""
+        for writer in (self.client_writer, self.server_writer):
+            if writer is None or writer.transport.is_closing():
+                continue
+            sock = writer.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            writer.transport.abort()
+        self.hold(commands=False, answers=False)  # let the pumps see the closed sockets and end
+
+    def close(self) -> None:
+        for writer in (self.client_writer, self.server_writer):
+            if writer is not None and not writer.transport.is_closing():
+                writer.close()
 
 
 # --- settings -------------------------------------------------------------------------------------

@@ -38,13 +38,20 @@ STATUS_PATH = "/goinfer/status"
 PROBE_TIMEOUT_S = 1.0  # a readiness probe that waits longer than this on Redis says "not ready"
 SCRAPE_TIMEOUT_S = 3.0
 IN_FLIGHT_REFRESH_S = 1.0
+# What a Redis call can raise when Redis or the connection fails, uvloop's RuntimeError for a
+# write on a transport a reset has closed included: a probe says "not ready", never a 500.
+_REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError, RuntimeError)
 
 
 class OpsEndpoints:
     """The handlers, with what they read: the tier's state, its queue client, Redis."""
 
     def __init__(self, settings: Settings, models: Mapping[str, Model], metrics: HttpMetrics,
-                 in_flight: Callable[[], int], draining: Callable[[], bool]) -> None:
+                 in_flight: Callable[[], int], draining: Callable[[], bool],
+                 redis_reachable: Callable[[], bool] | None = None) -> None:
+        """`redis_reachable`: whether the tier's own connections reach Redis (the queue client's
+        health), which a PING on the probe's connection alone cannot tell: after a virtual IP
+        moved, a fresh connection answers while the tier's are dead."""
         self._settings = settings
         self._paths = sorted(models)
         server = settings.server
@@ -54,6 +61,7 @@ class OpsEndpoints:
         self._metrics = metrics
         self._in_flight = in_flight
         self._draining = draining
+        self._redis_reachable = redis_reachable or (lambda: True)
         self._redis: redis.asyncio.Redis | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -82,15 +90,19 @@ class OpsEndpoints:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """Readiness: Redis answers and every queue this tier sends to has a live dispatcher."""
+        """Readiness: Redis answers, on the tier's own connections too, and every queue this
+        tier sends to has a live dispatcher."""
         if self._draining():
             return web.json_response({"ready": False, "draining": True}, status=503)
+        not_ready = web.json_response({"ready": False, "redis": False, "missing_queues": self._streams}, status=503)
+        if not self._redis_reachable():
+            return not_ready
         try:
             assert self._redis is not None
             await asyncio.wait_for(self._redis.ping(), PROBE_TIMEOUT_S)
             dispatchers = await asyncio.wait_for(read_dispatchers(self._redis), PROBE_TIMEOUT_S)
-        except (RedisError, OSError, asyncio.TimeoutError):
-            return web.json_response({"ready": False, "redis": False, "missing_queues": self._streams}, status=503)
+        except _REDIS_FAILURES:
+            return not_ready
         served = served_streams(dispatchers)
         missing = [stream for stream in self._streams if stream not in served]
         return web.json_response({"ready": not missing, "redis": True, "missing_queues": missing},
@@ -120,7 +132,7 @@ class OpsEndpoints:
         try:
             assert self._redis is not None
             return await asyncio.wait_for(read_cluster(self._redis, self._streams), SCRAPE_TIMEOUT_S)
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except _REDIS_FAILURES:
             return None
 
     async def _refresh_in_flight(self) -> None:

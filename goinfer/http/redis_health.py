@@ -4,7 +4,8 @@ An outage is temporary: requests are answered SendMsgFail meanwhile, and the ope
 hear of it once when it starts and once when it ends, not once per request or per retry,
 whichever part of the process (reply reader, enqueue) noticed. Refused credentials (a wrong
 RedisPasswd, none where Redis needs one, an ACL that forbids our commands) never heal by
-retrying: the tier stops with one line naming the setting.
+retrying: the tier stops with one line naming the setting. A Redis at `maxmemory` answers but
+refuses to store requests: also told once when it starts and once when it ends.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from goinfer.connections import is_refusal
@@ -22,10 +24,17 @@ log = logging.getLogger("goinfer.http.redis")
 
 
 def is_unreachable(error: BaseException) -> bool:
-    """Redis did not answer (down, restarting, loading, cut off): it may be back any moment."""
+    """Redis did not answer (down, restarting, loading, cut off, silent past Server.RedisTimeoutS,
+    a connection reset under us): it may be back any moment.
+
+    uvloop raises RuntimeError for a write on a transport that a reset has just closed, and a
+    reset mid-answer can leave redis-py an unparseable reply (InvalidResponse): both are a broken
+    connection, not a bug to report with a traceback.
+    """
     if is_refusal(error):
         return False
-    return isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError))
+    return isinstance(error, (RedisConnectionError, RedisTimeoutError, InvalidResponse, OSError,
+                              asyncio.TimeoutError, RuntimeError))
 
 
 class RedisHealth:
@@ -41,6 +50,7 @@ class RedisHealth:
         self._address = address
         self._down = False
         self._changed_at = float("-inf")
+        self._full = False
 
     @property
     def down(self) -> bool:
@@ -62,3 +72,23 @@ class RedisHealth:
         self._down = False
         self._changed_at = time.monotonic()
         log.info("redis at %s is back", self._address)
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    def out_of_memory(self, error: BaseException) -> None:
+        """Redis refused to store a request: it reached `maxmemory` (OOM). Logged once until it
+        stores one again; each request meanwhile gets SendMsgFail (it was not queued)."""
+        if self._full:
+            return
+        self._full = True
+        reason = str(error).split(". ", 1)[0] or type(error).__name__
+        log.warning("redis at %s is full (%s); requests get SendMsgFail until it has room",
+                    self._address, reason)
+
+    def stored(self) -> None:
+        """Redis queued a request: if it was full, it has room again."""
+        if self._full:
+            self._full = False
+            log.info("redis at %s has room again", self._address)

@@ -93,8 +93,9 @@ def run_http(settings: Settings, registry: ModelRegistry, reuse_port: bool = Fal
 
 def check_redis_credentials(settings: Settings) -> None:
     """Raise SettingsError if Redis refuses the configured credentials; an unreachable Redis passes
-    (the tier serves SendMsgFail until it is back)."""
-    client = sync_client(settings.server)
+    (the tier serves SendMsgFail until it is back), and so does one that stays silent past
+    Server.RedisTimeoutS (a black-holed address must not hold up the start)."""
+    client = sync_client(settings.server, timeout_s=settings.server.redis_timeout_s)
     try:
         client.ping()
     except RedisError as exc:
