@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,6 +40,8 @@ HEARTBEAT_TTL_INTERVALS = 3
 STATS_KEY_PREFIX = "goinfer:stats:"
 STAT_DEAD_LETTERED = "dead_lettered"
 STAT_DEADLINE_DROPPED = "deadline_dropped"
+# Requests skipped unrun because the HTTP process waiting for them is gone (its tier_alive_key expired).
+STAT_ORPHANED = "orphaned"
 
 
 def dead_letter_stream(stream: str) -> str:
@@ -130,7 +132,7 @@ class Job:
                                 "deadline": self.deadline}
         if self.alive_key is not None:
             body["alive"] = self.alive_key
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        return _dumps(body, "params")
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Job:
@@ -170,16 +172,20 @@ class Reply:
     infer_ms: float | None = None
 
     def encode(self) -> str:
+        """Strict JSON in valid UTF-8; ValueError for `data` that cannot be that.
+
+        An error's `msg` never fails: it is made valid UTF-8, so an error can always be answered.
+        """
         body: dict[str, Any] = {"id": self.id, "code": self.code}
         if self.code:
-            body["msg"] = self.msg
+            body["msg"] = _valid_utf8(self.msg)
         else:
             body["data"] = self.data or {}
         if self.queued_ms is not None:
             body["queued_ms"] = round(self.queued_ms, 3)
         if self.infer_ms is not None:
             body["infer_ms"] = round(self.infer_ms, 3)
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=_plain_json)
+        return _dumps(body, "the result", default=_plain_json)
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Reply:
@@ -192,6 +198,38 @@ class Reply:
             queued_ms=_optional_ms(fields.get("queued_ms")),
             infer_ms=_optional_ms(fields.get("infer_ms")),
         )
+
+
+def _dumps(body: dict[str, Any], what: str, default: Callable[[Any], Any] | None = None) -> str:
+    """The message as strict JSON (RFC 8259) in valid UTF-8, or ValueError saying why `what`
+    (the part that comes from a model) cannot be sent.
+
+    Python's json would write NaN and Infinity, which no strict parser reads (a client would get
+    a body it cannot parse), and lone surrogates, which cannot be encoded as UTF-8 at all (Redis's
+    client would fail the whole pipeline the message travels in); nesting deeper than the
+    recursion limit raises RecursionError, which callers catching ValueError would miss.
+    """
+    try:
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default)
+    except RecursionError:
+        raise ValueError(f"{what} cannot be sent as JSON: it is nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        reason = "it holds NaN or Infinity" if "Out of range float" in str(exc) else str(exc)
+        raise ValueError(f"{what} cannot be sent as JSON: {reason}") from None
+    if not text.isascii():  # O(1) for the common case; only non-ASCII text can hold a lone surrogate
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{what} cannot be sent as JSON: it holds the lone surrogate "
+                             f"U+{ord(exc.object[exc.start]):04X}, which is not valid UTF-8") from None
+    return text
+
+
+def _valid_utf8(text: str) -> str:
+    """`text` with any lone surrogate written as its escape (\\ud800), so it can be sent."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _json(raw: bytes | str) -> Any:

@@ -21,6 +21,8 @@ from goinfer.published import published_verdict
 from goinfer.settings import Settings, load_settings
 
 REDIS_CHECK_TIMEOUT_S = 3.0
+# At maxmemory Redis must refuse writes rather than delete keys: all of goinfer's keys are live.
+NEEDED_MAXMEMORY_POLICY = "noeviction"
 # The HTTP tier answers within MessageTimeout (QueueTimeout at worst); wait a little longer.
 CALL_TIMEOUT_MARGIN_S = 5.0
 
@@ -236,7 +238,16 @@ def check_clients(settings: Settings) -> CheckResult:
 
 
 def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> CheckResult:
-    """Redis answers PING with the settings' address and password, within `timeout` seconds."""
+    """Redis answers PING with the settings' address and password, within `timeout` seconds, and
+    never evicts keys (`maxmemory-policy noeviction`).
+
+    Every eviction policy lets Redis delete keys when it reaches maxmemory, and goinfer's keys
+    are all live data: a queued request (the whole stream, with its consumer group), a reply
+    list an HTTP process waits on. Deleted, they are lost without a word: requests answered
+    QueueTimeout that never ran or ran for nobody. With noeviction, Redis refuses writes
+    instead: the HTTP tier answers SendMsgFail at once and workers keep their replies until
+    memory is freed.
+    """
     import redis
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
@@ -254,6 +265,7 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
     try:
         client.ping()
         version = client.info("server").get("redis_version", "?")
+        memory = client.info("memory")  # not CONFIG GET: managed services often forbid CONFIG
     except RedisError as exc:
         refused = refusal(exc, settings.server)  # wrong or missing password, ACL: named, never shown
         if refused is not None:
@@ -261,7 +273,17 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
         return CheckResult("redis", False, f"{address} does not answer: {exc}")
     finally:
         client.close()
-    return CheckResult("redis", True, f"{address}, redis {version}")
+    limit = int(memory.get("maxmemory", 0) or 0)
+    if "maxmemory_policy" not in memory:
+        return CheckResult("redis", True, f"{address}, redis {version}: it does not say its maxmemory-policy; "
+                                          f"goinfer needs {NEEDED_MAXMEMORY_POLICY}", warning=True)
+    policy = str(memory["maxmemory_policy"])
+    detail = f"{address}, redis {version}, maxmemory {limit or 'unlimited'}, maxmemory-policy {policy}"
+    if policy != NEEDED_MAXMEMORY_POLICY:
+        return CheckResult("redis", False, f"{detail}: any policy but {NEEDED_MAXMEMORY_POLICY} lets Redis "
+                                           "delete queued requests, reply lists and consumer groups when it "
+                                           f"fills up; set maxmemory-policy {NEEDED_MAXMEMORY_POLICY}")
+    return CheckResult("redis", True, detail)
 
 
 def run_checks(path: str, redis_timeout: float = REDIS_CHECK_TIMEOUT_S) -> list[CheckResult]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from goinfer.connections import describe_redis
+from goinfer.connections import describe_redis, is_out_of_memory
 from goinfer.dispatcher.outage import dispatcher_client
 from goinfer.queue import DISPATCHERS_SET, DispatcherHeartbeat, heartbeat_ttl_s
 from goinfer.settings import ServerSettings
@@ -69,6 +69,8 @@ class Heartbeat:
             pipe.execute()
             self._prune(keys=[DISPATCHERS_SET])
         except (RedisError, OSError) as exc:
+            if is_out_of_memory(exc) and self._keep_alive():
+                return True  # Redis at maxmemory: the last description stays, and so does /ready
             if not self._failing:
                 log.warning("cannot write the dispatcher heartbeat to redis at %s (%s); retrying every %.0fs",
                             describe_redis(self._server), exc, self._interval)
@@ -81,6 +83,14 @@ class Heartbeat:
             log.info("dispatcher heartbeat written again")
         self._failing = False
         return True
+
+    def _keep_alive(self) -> bool:
+        """At maxmemory Redis refuses SET but accepts EXPIRE, which needs no memory: keep the key
+        written last alive, so a full Redis does not make a serving dispatcher look dead."""
+        try:
+            return bool(self._redis.expire(self._key, self._ttl))
+        except (RedisError, OSError):
+            return False
 
     def stop(self) -> None:
         """Stop beating and delete the key, so readiness probes stop counting this dispatcher now."""

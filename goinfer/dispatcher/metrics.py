@@ -43,6 +43,8 @@ DEAD_LETTERED = Counter("goinfer_dispatcher_dead_lettered", "Requests set aside 
                         "MaxDeliveries workers.", ["queue"], registry=None)
 DEADLINE_DROPPED = Counter("goinfer_dispatcher_deadline_dropped", "Requests dropped unrun because their client "
                            "had already been answered with QueueTimeout.", ["queue"], registry=None)
+ORPHANED = Counter("goinfer_dispatcher_orphaned", "Requests skipped unrun because the HTTP process waiting "
+                   "for them is gone.", ["queue"], registry=None)
 
 
 class SupervisorCollector:

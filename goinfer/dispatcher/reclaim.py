@@ -1,27 +1,27 @@
 """Crash recovery: requests a dead worker had taken are found and run again, or set aside.
 
-A worker keeps the requests it is running "fresh" in Redis (an XCLAIM by itself every second);
-a request whose owner has not refreshed it for `ClaimIdleMs` belongs to a dead or stuck worker,
-and any worker of the queue claims it. A request delivered `MaxDeliveries` times without being
-answered has killed that many workers: it is answered with DeadLettered and moved to
-`<stream>:dead` with the reason, never tried again.
+While a worker process lives, its supervisor keeps every request the worker holds "fresh" in
+Redis (liveness.py), however long its model runs; a request nobody has refreshed for
+`ClaimIdleMs` belongs to a worker that died, or to a whole dispatcher that did, and any worker
+of the queue claims it. A request delivered `MaxDeliveries` times without being answered has
+killed that many workers: it is answered with DeadLettered and moved to `<stream>:dead` with
+the reason, never tried again. (A request whose model merely runs too long is not retried at
+all: past its MaxInferSeconds it is answered InferFail, see liveness.py.)
 
 Kept apart from stream.py, which is the protocol of a healthy worker: this is what happens when
-workers die, and the thread that lets the others tell (InFlightKeeper).
+workers die.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from goinfer.dispatcher import metrics
 from goinfer.dispatcher.stream import Pending, StreamConsumer, decode_entry
@@ -30,14 +30,11 @@ from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.reclaim")
 
-REFRESH_INTERVAL_S = 1.0
 RECLAIM_INTERVAL_S = 1.0
 FORGET_INTERVAL_S = 60.0
 SCAN_BATCH = 100
 # A consumer with nothing pending and idle this long belonged to a worker that is gone.
 FORGET_CONSUMER_AFTER_MS = 3_600_000
-
-EXIT_STUCK = 4
 
 
 @dataclass(frozen=True)
@@ -149,55 +146,3 @@ def _group_missing(exc: ResponseError) -> bool:
     """Redis lost the stream or its group (restarted empty); the worker's next read recreates them."""
     text = str(exc)
     return "NOGROUP" in text or "no such key" in text
-
-
-class InFlightKeeper(threading.Thread):
-    """Refreshes the entries this worker is running, and ends the worker if one runs forever.
-
-    A thread, because `infer` blocks the worker's main thread for as long as the model runs.
-    """
-
-    def __init__(self, client: redis.Redis, consumer: str, stuck_after_s: float,
-                 exit_process: Callable[[int], None] = os._exit) -> None:
-        super().__init__(name="goinfer-inflight-keeper", daemon=True)
-        self._client = client
-        self._consumer = consumer
-        self._stuck_after_s = stuck_after_s
-        self._exit = exit_process
-        self._lock = threading.Lock()
-        self._entries: dict[str, list[Any]] = {}
-        self._started_at = 0.0
-        self._deadline = 0.0
-        self._stop = threading.Event()
-
-    def track(self, entries: dict[str, list[Any]], deadline: float) -> None:
-        with self._lock:
-            self._entries = entries
-            self._started_at = time.time()
-            self._deadline = deadline
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries = {}
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        while not self._stop.wait(REFRESH_INTERVAL_S):
-            with self._lock:
-                entries = dict(self._entries)
-                deadline, started = self._deadline, self._started_at
-            if not entries:
-                continue
-            if time.time() > deadline + self._stuck_after_s:
-                log.error("a request has run for %.0fs, %.0fs past its deadline: this worker is stuck and "
-                          "exits so that it is restarted", time.time() - started, time.time() - deadline)
-                self._exit(EXIT_STUCK)
-                return
-            try:
-                for stream, ids in entries.items():
-                    # JUSTID: resets the idle time without counting a delivery.
-                    self._client.xclaim(stream, CONSUMER_GROUP, self._consumer, 0, ids, justid=True)
-            except RedisError as exc:
-                log.debug("could not refresh in-flight entries: %s", exc)

@@ -78,23 +78,35 @@ class Runner:
 
     def encode(self, model: Model, job: Job, result: Any, hook: str, queued_ms: float | None = None,
                infer_ms: float | None = None) -> str:
-        """The Reply for what `hook` gave for `job`: its data, or InferFail with the reason."""
+        """The Reply for what `hook` gave for `job`: its data, or InferFail with the reason.
+
+        Never raises: whatever the model returned, this request gets an answer, and only this one
+        (the others of its batch are encoded apart), so the worker serves on.
+        """
         prefix = self._infer_fail
 
         def reply(code: int, msg: str = "", data: dict[str, Any] | None = None) -> str:
             return Reply(job.id, code, msg, data, queued_ms=queued_ms, infer_ms=infer_ms).encode()
 
         if isinstance(result, ApiError):
-            return reply(result.code, f"{prefix.msg} : {result.msg}")
+            return reply(result.code, f"{prefix.msg} : {_text(result.msg)}")
         if isinstance(result, BaseException):
-            return reply(prefix.code, f"{prefix.msg} : {result or type(result).__name__}")
+            return reply(prefix.code, f"{prefix.msg} : {_text(result) or type(result).__name__}")
         if not isinstance(result, dict):
             detail = f"{hook} must return a dict per request, returned {type(result).__name__}"
             log.error("%s of %s: %s (requestId %s)", hook, type(model).__name__, detail, job.id)
             return reply(prefix.code, f"{prefix.msg} : {detail}")
         try:
             return reply(0, data=result)
-        except (TypeError, ValueError) as exc:  # a result that cannot be sent is the model's failure
-            log.error("%s of %s returned a result that cannot be sent as JSON (requestId %s): %s",
-                      hook, type(model).__name__, job.id, exc)
-            return reply(prefix.code, f"{prefix.msg} : {exc}")
+        except Exception as exc:  # NaN, a lone surrogate, deep nesting, an object: the model's failure
+            reason = _text(exc)
+            log.error("%s of %s (requestId %s): %s", hook, type(model).__name__, job.id, reason)
+            return reply(prefix.code, f"{prefix.msg} : {hook}: {reason}")
+
+
+def _text(value: object) -> str:
+    """str(value), or a stand-in when the model's object cannot even say what it is."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__} whose str() failed>"

@@ -2,10 +2,12 @@
 
 Each queue is a stream read by the consumer group `goinfer`; each worker is one consumer in it,
 so Redis hands every entry to one worker and keeps it pending until that worker acknowledges
-it. The worker acknowledges an entry only after its reply is sent, in the same pipeline (RPUSH
+it. The worker acknowledges an entry only together with its reply, in one MULTI/EXEC (RPUSH
 reply, XACK, XDEL): a worker that dies before has its entries claimed by another (reclaim.py),
-so every request is answered at least once. The last replies of a round and the next read
-share one round trip.
+so every request is answered at least once, and Redis at maxmemory, which refuses RPUSH but
+would accept XACK, refuses the whole transaction, so no entry is acknowledged with its reply
+lost (RepliesRefused: the worker keeps the replies and tries again). The last replies of a
+round and the next read share one round trip.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
+from goinfer.connections import is_out_of_memory
 from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, entry_time_ms, stats_key
 
 log = logging.getLogger("goinfer.worker")
@@ -51,6 +54,21 @@ class Pending:
 Done = tuple[Pending, "str | None"]
 
 
+class RepliesRefused(RedisError):
+    """Redis is at maxmemory and refused the transaction that sends `done`: nothing of it was done.
+
+    The entries stay pending with this consumer; `following` are the entries the read that
+    shared the round trip took (reads are allowed at maxmemory). Send `done` again later.
+    """
+
+    def __init__(self, done: list[Done], following: list[Pending]) -> None:
+        replies = sum(reply is not None for _, reply in done)
+        super().__init__(f"OOM: used memory is over maxmemory; {replies} {'reply' if replies == 1 else 'replies'} "
+                         "kept until Redis takes them")
+        self.done = done
+        self.following = following
+
+
 def decode_entry(stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Pending:
     """An entry as read from Redis; an unreadable job is logged and kept as `job=None` (acked unanswered)."""
     raw = fields.get(_JOB_KEY, b"")
@@ -77,14 +95,24 @@ class StreamConsumer:
     def ensure_groups(self) -> None:
         """Create the group on every stream (and the stream), unless it exists.
 
-        Created at id 0, so requests queued before any dispatcher ran are served too.
+        Created at id 0, so requests queued before any dispatcher ran are served too. Redis at
+        maxmemory refuses XGROUP CREATE even for a group that exists: one that does is enough to
+        serve (and serving frees memory).
         """
         for stream in self.streams:
             try:
                 self.client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
             except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+                if "BUSYGROUP" in str(exc) or (is_out_of_memory(exc) and self._group_exists(stream)):
+                    continue
+                raise
+
+    def _group_exists(self, stream: str) -> bool:
+        try:
+            groups: Any = self.client.xinfo_groups(stream)
+        except ResponseError:  # no such stream
+            return False
+        return any(_text(group["name"]) == CONSUMER_GROUP for group in groups)
 
     def read(self, count: int | None = None, block_ms: int | None = READ_BLOCK_MS) -> list[Pending]:
         """New entries for this consumer; `block_ms=None` polls without waiting."""
@@ -100,34 +128,63 @@ class StreamConsumer:
     def finish(self, done: list[Done], read_next: bool = False) -> list[Pending]:
         """Send the replies and acknowledge their entries in one round trip, optionally reading on.
 
-        Redis runs the commands in order, so the replies are delivered before a read that blocks.
+        The replies, acknowledgements and counters are one MULTI/EXEC, sent in a plain pipeline
+        with the read after it: Redis runs it before a read that blocks. Raises RepliesRefused
+        when Redis is at maxmemory (nothing was done), or the error of a command Redis refused.
         """
         pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command("MULTI")
         for item, reply in done:
             if reply is not None and item.job is not None:
                 pipe.rpush(item.job.reply_to, reply)
                 pipe.expire(item.job.reply_to, REPLY_TTL_S)
             pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
             pipe.xdel(item.stream, item.entry_id)
-        for (stream, name), count in self._stats.items():
+        stats = list(self._stats.items())
+        for (stream, name), count in stats:
             pipe.hincrby(stats_key(stream), name, count)
+        pipe.execute_command("EXEC")
         if read_next:
             pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams},
                             count=self.read_count, block=READ_BLOCK_MS)
-        results = pipe.execute()
-        self._stats.clear()  # written (on failure they are kept for the next round trip)
-        return self._decode(results[-1]) if read_next else []
+        results = pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception):  # MULTI itself refused (an ACL): what followed ran bare
+            raise results[0]
+        read = results.pop() if read_next else None
+        executed, queued = results[-1], results[1:-1]
+        # The read is allowed at maxmemory and ran whatever became of the transaction; one that
+        # failed (a group lost with Redis's data) fails again, and is handled, at the next read.
+        following = [] if read is None or isinstance(read, Exception) else self._decode(read)
+        if isinstance(executed, Exception):  # EXECABORT: Redis refused a command, so ran none
+            refused = next((r for r in queued if isinstance(r, Exception)), executed)
+            if is_out_of_memory(refused):
+                raise RepliesRefused(done, following)
+            raise refused
+        self._stats.clear()  # written (when refused they are kept for the next round trip)
+        _report_failures(done, stats, executed)
+        return following
 
     def _decode(self, batch: Any) -> list[Pending]:
         return [decode_entry(stream, entry_id, fields) for stream, entries in batch or ()
                 for entry_id, fields in entries]
 
 
-def ids_by_stream(pending: list[Pending]) -> dict[str, list[bytes]]:
-    grouped: dict[str, list[bytes]] = {}
-    for item in pending:
-        grouped.setdefault(item.stream, []).append(item.entry_id)
-    return grouped
+def _report_failures(done: list[Done], stats: list[tuple[tuple[str, str], int]], executed: Any) -> None:
+    """Log the commands of a transaction that Redis ran but failed (a reply list holding another
+    type): such a reply can never be delivered, and sending the transaction again would repeat
+    the rest of it."""
+    results = iter(executed or ())
+    for item, reply in done:
+        sent = reply is not None and item.job is not None
+        error = next((r for r in [next(results, None) for _ in range(4 if sent else 2)] if isinstance(r, Exception)),
+                     None)
+        if error is not None:
+            where = item.job.reply_to if item.job is not None else item.stream
+            log.error("request %s: its reply could not be stored on %s: %s",
+                      item.job.id if item.job is not None else item.entry_id, where, error)
+    for ((stream, name), _count), outcome in zip(stats, results, strict=False):
+        if isinstance(outcome, Exception):
+            log.error("counter %s of %s could not be updated: %s", name, stats_key(stream), outcome)
 
 
 def _text(value: bytes | str) -> str:

@@ -9,6 +9,13 @@ dispatcher rather than being retried:
 Redis being away is waited out; the dispatcher says it is ready only once every worker can read
 its streams.
 
+It vouches for its workers (liveness.py): while a worker process lives, the entries it holds
+are kept fresh in Redis, so a model that holds the GIL for minutes is never taken for a dead
+worker; and a model call that runs past its MaxInferSeconds is stuck: the worker is stopped
+(SIGTERM, then SIGKILL after KILL_GRACE_S, since C code holding the GIL never sees SIGTERM),
+the call's requests are answered InferFail, and the worker is restarted at once. Such a stop is
+the supervisor's decision, not a crash: it never counts toward the restart limit.
+
 It also tells the outside world about itself: a heartbeat in Redis (heartbeat.py) naming the
 streams its workers reported reading, and, with Server.MetricsPort, a /metrics endpoint
 (metrics.py).
@@ -26,21 +33,26 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+from redis.exceptions import RedisError
+
 from goinfer import __version__
 from goinfer.cli_options import fatal
 from goinfer.connections import RedisRefused, describe_redis
 from goinfer.dispatcher.heartbeat import Heartbeat
+from goinfer.dispatcher.liveness import COMMAND_TIMEOUT_S, Call, CallBoard, EntryKeeper, Holder, settle_overdue
 from goinfer.dispatcher.metrics import MetricsServer
-from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe
+from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe, dispatcher_client
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
 from goinfer.dispatcher.worker import EXIT_REDIS_REFUSED, worker_process_main
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
-from goinfer.queue import DispatcherHeartbeat, dispatcher_key
+from goinfer.queue import DispatcherHeartbeat, Job, Reply, dispatcher_key
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.dispatcher")
 
 WATCH_INTERVAL_S = 0.5
+# How long a worker stopped for a stuck call gets to finish it before SIGKILL.
+KILL_GRACE_S = 1.0
 
 
 class InitFailed(Exception):
@@ -52,12 +64,18 @@ class _Slot:
     """One of the MaxWorkers places a worker runs in; a restarted worker takes its dead one's."""
 
     index: int
+    board: CallBoard
     process: BaseProcess | None = None
     status: Connection | None = None  # the worker's reports (see worker.py), open while it lives
     started_at: float = 0.0
     initialised: bool = False
     ready: bool = False
     restart_at: float | None = None
+    consumer: str = ""  # its consumer in the group, and the streams it reads (from its "ready")
+    streams: tuple[str, ...] = ()
+    overdue: Call | None = None  # the stuck call it is being stopped for
+    kill_at: float | None = None
+    stopped: bool = False  # stopped by us (a stuck call): its exit is no crash
 
 
 class Supervisor:
@@ -69,7 +87,9 @@ class Supervisor:
         self._model_paths = list(model_paths)
         self._context = multiprocessing.get_context("spawn")
         server = settings.server
-        self._slots = [_Slot(index) for index in range(server.max_workers)]
+        self._slots = [_Slot(index, CallBoard.create(self._context)) for index in range(server.max_workers)]
+        self._keeper = EntryKeeper(dispatcher_client(server, timeout_s=COMMAND_TIMEOUT_S), server.claim_idle_ms)
+        self._infer_fail = settings.error("InferFail")
         self._restart_policy = RestartPolicy(server.worker_restart_limit, server.worker_restart_window_s)
         # Who is reporting a Redis outage, shared with the workers so that it is told once (OutageLog).
         self._reporter = self._context.RawValue("i", NOBODY)
@@ -132,6 +152,7 @@ class Supervisor:
                                                             self._reporter))
         self._probe = probe
         announced = False
+        self._keeper.start()
         try:
             probe.check(time.monotonic())  # a refusal stops us here, before any model loads
             for slot in self._slots:
@@ -149,6 +170,7 @@ class Supervisor:
             if announced:
                 heartbeat.stop()  # first: readiness probes stop counting us while workers finish
             self._stop_workers()
+            self._keeper.stop()  # last: workers finishing their requests are still vouched for
         log.info("dispatcher for queue %d stopped", self._queue_index)
         return 0
 
@@ -163,8 +185,9 @@ class Supervisor:
         if not probe.answered:
             timeout = min(timeout, probe.next_at - now)
         for slot in self._slots:
-            if slot.restart_at is not None:
-                timeout = min(timeout, slot.restart_at - now)
+            for due in (slot.restart_at, slot.kill_at):
+                if due is not None:
+                    timeout = min(timeout, due - now)
         reports = {slot.status: slot for slot in self._slots if slot.status is not None}
         deaths = {slot.process.sentinel: slot for slot in self._slots if slot.process is not None}
         happened = wait([*reports, *deaths], timeout=max(0.0, timeout))
@@ -176,20 +199,52 @@ class Supervisor:
         for ready in happened:
             if isinstance(ready, int) and ready in deaths:
                 self._died(deaths[ready])
+        self._stop_stuck(time.monotonic())
+
+    def _stop_stuck(self, now: float) -> None:
+        """Stop each worker whose model call ran past its limit: SIGTERM, then SIGKILL after the grace.
+
+        A worker that finishes the call within the grace answers it itself and exits; one that
+        starts another call meanwhile is judged on that call.
+        """
+        for slot in self._slots:
+            process = slot.process
+            if process is None:
+                continue
+            call = slot.board.read()
+            if slot.overdue is not None and (call is None or call.started != slot.overdue.started):
+                slot.overdue = slot.kill_at = None  # it finished that call (and answered it) in the grace
+            if call is None:
+                continue
+            if slot.overdue is None and call.overdue(now):
+                slot.overdue, slot.kill_at, slot.stopped = call, now + KILL_GRACE_S, True
+                log.error("worker %d (pid %s) has been in one model call for %.1fs, longer than its "
+                          "MaxInferSeconds (%g s): stopping it; unless it finishes within %gs, the call's "
+                          "%d request(s) are answered InferFail", slot.index, process.pid, now - call.started,
+                          call.limit_s, KILL_GRACE_S, len(call.entries) + call.unlisted)
+                process.terminate()
+            elif slot.kill_at is not None and now >= slot.kill_at:
+                log.warning("worker %d (pid %s) did not stop within %gs (C code holding the GIL never sees "
+                            "SIGTERM); killing it", slot.index, process.pid, KILL_GRACE_S)
+                slot.kill_at = None
+                process.kill()
 
     def _spawn(self, slot: _Slot) -> None:
         parent_end, child_end = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=worker_process_main,
-            args=(self._settings, self._queue_index, self._model_paths, slot.index, child_end, self._reporter),
+            args=(self._settings, self._queue_index, self._model_paths, slot.index, child_end, self._reporter,
+                  slot.board),
             name=f"goinfer-worker-{self._queue_index}.{slot.index}",
             daemon=False,
         )
+        slot.board.reset()  # what a killed predecessor was running is not this worker's call
         start_child(process)
         child_end.close()
         slot.process, slot.status, slot.started_at = process, parent_end, time.monotonic()
-        slot.initialised = slot.ready = False
-        slot.restart_at = None
+        slot.initialised = slot.ready = slot.stopped = False
+        slot.restart_at = slot.overdue = slot.kill_at = None
+        slot.consumer, slot.streams = "", ()
 
     def _report(self, slot: _Slot) -> None:
         """One report of a worker; a closed pipe just means the worker is exiting."""
@@ -212,6 +267,8 @@ class Supervisor:
                 self._probe.answer_seen()  # the worker reached Redis: no need to PING any more
             self._streams = list(detail.get("streams", self._streams))
             self._apis = list(detail.get("apis", self._apis))
+            slot.consumer, slot.streams = str(detail.get("consumer", "")), tuple(detail.get("streams", ()))
+            self._vouch()
 
     def _died(self, slot: _Slot) -> None:
         assert slot.process is not None
@@ -222,12 +279,22 @@ class Supervisor:
         if slot.status is not None:
             slot.status.close()
         slot.process, slot.status, slot.ready = None, None, False
+        self._vouch()  # a dead worker's entries are for others to claim (reclaim.py)
+        if slot.overdue is not None:
+            self._settle(slot, slot.overdue)
+        slot.board.reset()
         if code == EXIT_REDIS_REFUSED:
             raise RedisRefused(f"redis at {describe_redis(self._settings.server)} refuses worker {slot.index}; "
                                "see its log")
         if not slot.initialised:
             raise InitFailed(f"worker {slot.index} exited with code {code} during init")
         now = time.monotonic()
+        if slot.stopped:
+            self.restarts += 1
+            log.info("worker %d (pid %s) stopped for a stuck model call (exit code %s); restarting it",
+                     slot.index, process.pid, code)
+            slot.restart_at = now
+            return
         try:
             delay = self._restart_policy.died(slot.index, now - slot.started_at, now)
         except TooManyDeaths:
@@ -237,6 +304,29 @@ class Supervisor:
         log.error("worker %d (pid %s) died with exit code %s; restarting it in %.1fs", slot.index, process.pid,
                   code, delay)
         slot.restart_at = now + delay
+
+    def _vouch(self) -> None:
+        """Tell the entry keeper which workers live now."""
+        self._keeper.vouch_for(Holder(slot.consumer, slot.streams) for slot in self._slots
+                               if slot.process is not None and slot.consumer)
+
+    def _settle(self, slot: _Slot, call: Call) -> None:
+        """Answer InferFail to the requests of the stuck call that the stopped worker still held."""
+        detail = f"infer ran longer than MaxInferSeconds ({call.limit_s:g} s)"
+
+        def reply(job: Job) -> str:
+            return Reply(job.id, self._infer_fail.code, f"{self._infer_fail.msg} : {detail}").encode()
+
+        try:
+            answered = settle_overdue(self._keeper.client, slot.consumer, slot.streams, call, reply)
+        except (RedisError, OSError) as exc:
+            log.error("could not answer the requests of worker %d's stuck call (%s): they will run again",
+                      slot.index, exc)
+            return
+        for job in answered:
+            log.error("answered request %s (%s) InferFail: %s", job.id, job.api, detail)
+        if call.unlisted:
+            log.error("%d more request(s) of that call will run again", call.unlisted)
 
     def _stop_workers(self) -> None:
         """SIGTERM lets each worker finish its request; stragglers are killed after the grace."""

@@ -8,8 +8,12 @@ the group. The parts live beside this loop: the stream protocol (stream.py), cra
 Redis (outage.py).
 
 A worker tells its supervisor, on a pipe, how its start went: "initialised" (models loaded),
-"ready" (its consumer groups exist, so it can read its streams), or why it is about to exit:
-"failed" (a model's init raised) or "refused" (Redis refuses the credentials).
+"ready" (its consumer groups exist, so it can read its streams; with its consumer name), or why
+it is about to exit: "failed" (a model's init raised) or "refused" (Redis refuses the
+credentials). While serving, it writes each model call on its CallBoard (liveness.py), shared
+memory the supervisor reads: the supervisor keeps the worker's requests fresh in Redis while it
+lives and stops it when a call runs past its MaxInferSeconds, which no thread of a worker could
+do while its model holds the GIL.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from redis.exceptions import RedisError, ResponseError
 from goinfer.connections import RedisRefused, refusal
 from goinfer.dispatcher import metrics
 from goinfer.dispatcher.batching import Work, batch_policies, fill, plan, read_size
+from goinfer.dispatcher.liveness import CallBoard, infer_limit_s, infer_limits
+from goinfer.dispatcher.orphans import TierWatch
 from goinfer.dispatcher.outage import Backoff, OutageLog, SharedInt, dispatcher_client
-from goinfer.dispatcher.reclaim import InFlightKeeper, Reclaimer
+from goinfer.dispatcher.reclaim import Reclaimer
 from goinfer.dispatcher.runner import Runner
-from goinfer.dispatcher.stream import Done, Pending, StreamConsumer, ids_by_stream
+from goinfer.dispatcher.stream import Done, Pending, RepliesRefused, StreamConsumer
 from goinfer.logs import setup_logging
 from goinfer.models.base import Model
 from goinfer.models.registry import ModelRegistry, instantiate
-from goinfer.queue import STAT_DEADLINE_DROPPED, streams_for
+from goinfer.queue import STAT_DEADLINE_DROPPED, STAT_ORPHANED, streams_for
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.worker")
@@ -53,7 +59,8 @@ class Worker:
     """The consume loop of one worker process."""
 
     def __init__(self, settings: Settings, queue_index: int, models: Mapping[str, Model], consumer: str,
-                 client: redis.Redis | None = None, outage: OutageLog | None = None) -> None:
+                 client: redis.Redis | None = None, outage: OutageLog | None = None,
+                 board: CallBoard | None = None) -> None:
         server = settings.server
         self._server = server
         self.runner = Runner(settings, models)
@@ -62,8 +69,15 @@ class Worker:
                               with_default=True)
         self.stream = StreamConsumer(client or dispatcher_client(server), streams, consumer,
                                      read_size(self._policies))
+        self._tiers = TierWatch(self.stream.client)
         self._reclaimer = Reclaimer(self.stream, server, lambda job: self.runner.error_reply(job, "DeadLettered"))
-        self._keeper = InFlightKeeper(dispatcher_client(server), consumer, stuck_after_s=server.message_timeout)
+        # What this worker runs, for the supervisor, which keeps its entries fresh and stops it
+        # when a call runs past its model's limit (liveness.py): no thread here can do either
+        # while a model holds the GIL.
+        self._board = board or CallBoard.private()
+        self._limits = infer_limits(server, models)
+        self._default_limit = infer_limit_s(server)
+        self._stream_index = {name: index for index, name in enumerate(self.stream.streams)}
         self._outage = outage or OutageLog(server, 0, f"worker {consumer}")
         self._backoff = Backoff()
         self._groups_ready = False
@@ -95,16 +109,19 @@ class Worker:
         batching = ", ".join(f"{api} up to {p.size} per {p.timeout_s * 1000:g} ms" for api, p in self._policies.items())
         log.info("worker %s reading %s%s", self.stream.consumer, ", ".join(self.streams),
                  f"; batching {batching}" if batching else "")
-        self._keeper.start()
         pending: list[Pending] = []
-        own_recovered = False
+        # What Redis has delivered to this consumer but the worker does not hold: at start, what the
+        # slot's previous incarnation had taken; after a Redis error, entries of a read whose answer
+        # was lost. The supervisor keeps a live worker's entries fresh, so no other worker would
+        # ever claim them: this worker takes them back itself, once it holds nothing else.
+        recover_own = True
         while pending or not self.stopping:
             try:
                 if not self._groups_ready:
                     self.stream.ensure_groups()
                     self._groups_ready = True
-                if not own_recovered:  # first what this slot's previous incarnation had taken
-                    pending, own_recovered = self._reclaimer.own(), True
+                if recover_own and not pending:
+                    pending, recover_own = self._reclaimer.own(), False
                 pending = pending or self._reclaimer.due() or self.stream.read()
                 if pending:
                     pending = self._serve(pending)
@@ -115,53 +132,99 @@ class Worker:
                     self._groups_ready = False
                 else:
                     self._wait_out(exc)
-        self._keeper.stop()
+                recover_own = True
 
     def _serve(self, pending: list[Pending]) -> list[Pending]:
         """Run what was taken and answer it; returns the entries read in the same round trip."""
         pending = fill(pending, lambda n: self.stream.read(n, block_ms=None), _api, self._policies,
                        self.stream.read_count)
-        deadline = max((p.job.deadline for p in pending if p.job), default=time.time())
-        self._keeper.track(ids_by_stream(pending), deadline)
-        following = self.stream.finish(self._process(pending), read_next=not self.stopping)
-        self._keeper.clear()
-        return following
+        return self._finish(self._process(pending), read_next=not self.stopping)
 
     def _process(self, pending: list[Pending]) -> list[Done]:
         """Run the jobs, sending each reply as soon as it is ready; the last ones are returned."""
         unsent: list[Done] = []
-        runnable = []
+        runnable, expired = [], []
         for item in pending:
             if item.job is None:  # unreadable: acknowledged, never answered (nobody to answer)
                 unsent.append((item, None))
             elif item.job.expired():
-                self.stream.count(item.stream, STAT_DEADLINE_DROPPED)
-                metrics.DEADLINE_DROPPED.labels(item.stream).inc()
-                log.warning("dropping request %s: its client was already answered with QueueTimeout", item.job.id)
-                unsent.append((item, None))
+                expired.append(item)
             else:
                 runnable.append(item)
+        gone = self._tiers.gone({item.job.alive_key for item in runnable if item.job and item.job.alive_key})
+        orphaned = [item for item in runnable if item.job and item.job.alive_key in gone]
+        runnable = [item for item in runnable if not (item.job and item.job.alive_key in gone)]
+        self._skip(expired, STAT_DEADLINE_DROPPED, metrics.DEADLINE_DROPPED,
+                   "their clients were already answered with QueueTimeout")
+        self._skip(orphaned, STAT_ORPHANED, metrics.ORPHANED,
+                   f"the HTTP process waiting for them is gone ({', '.join(sorted(gone))} expired)")
+        unsent += [(item, None) for item in expired + orphaned]
+        refused = False
         for work in plan(runnable, _api, self._policies):
-            if unsent:
-                self.stream.finish(unsent)
-                unsent = []
+            if unsent and not refused:  # at maxmemory they wait for the batch's last send
+                try:
+                    self.stream.finish(unsent)
+                    unsent = []
+                except RepliesRefused:
+                    refused = True
             unsent += zip(work.items, self._run(work), strict=True)
         return unsent
+
+    def _skip(self, items: list[Pending], stat: str, counter: Any, why: str) -> None:
+        """Acknowledge unrun (with the next send) and count requests nobody waits for; one log line."""
+        if not items:
+            return
+        for item in items:
+            self.stream.count(item.stream, stat)
+            counter.labels(item.stream).inc()
+        ids = ", ".join(item.job.id for item in items[:3] if item.job) + (", ..." if len(items) > 3 else "")
+        log.warning("skipping %d request(s) unrun: %s (%s)", len(items), why, ids)
+
+    def _finish(self, done: list[Done], read_next: bool = False) -> list[Pending]:
+        """Send the replies and acknowledge their entries; Redis at maxmemory is waited out."""
+        try:
+            return self.stream.finish(done, read_next=read_next)
+        except RepliesRefused as refused:
+            return refused.following if self._hold(refused) else []
+
+    def _hold(self, refused: RepliesRefused) -> bool:
+        """Redis at maxmemory refused the replies: keep them and send them once it takes them
+        again, on the outage back-off, one line per step; True once sent.
+
+        Their entries stay pending with this worker, kept fresh by the supervisor, so nobody runs
+        them again meanwhile. A stop gives up (False): they stay pending and run again later.
+        """
+        error: RedisError | OSError = refused
+        while not self.stopping:
+            self._wait_out(error)
+            try:
+                self.stream.finish(refused.done)
+            except (RedisError, OSError) as exc:  # still full, or away: keep waiting
+                error = exc
+            else:
+                self._healthy()
+                return True
+        log.warning("stopping with %d replies Redis has not taken; their requests run again after the restart",
+                    sum(reply is not None for _, reply in refused.done))
+        return False
 
     def _run(self, work: Work[Pending]) -> list[str]:
         queued = [_queued_ms(item) for item in work.items]
         jobs = [item.job for item in work.items if item.job is not None]
-        if work.batched:
-            return self.runner.execute_batch(self.runner.models[work.api], jobs, queued)
-        return [self.runner.execute(jobs[0], queued[0])]
+        self._board.begin([(self._stream_index.get(item.stream, -1), item.entry_id) for item in work.items],
+                          self._limits.get(work.api, self._default_limit))
+        try:
+            if work.batched:
+                return self.runner.execute_batch(self.runner.models[work.api], jobs, queued)
+            return [self.runner.execute(jobs[0], queued[0])]
+        finally:
+            self._board.end()
 
     def _wait_out(self, exc: BaseException) -> None:
         """One back-off step of a Redis outage; a refusal ends the worker instead."""
         refused = refusal(exc, self._server)
         if refused is not None:
             raise refused from None
-        # Nothing runs while Redis is away: the keeper must not take the wait for a stuck model.
-        self._keeper.clear()
         delay = self._backoff.step()
         self._outage.failed(exc, delay)
         deadline = time.monotonic() + delay
@@ -199,7 +262,8 @@ def _tell(status: Connection, message: tuple[str, Any]) -> None:
 
 
 def worker_process_main(settings: Settings, queue_index: int, model_paths: list[str], worker_index: int,
-                        status: Connection, reporter: SharedInt | None = None) -> None:
+                        status: Connection, reporter: SharedInt | None = None,
+                        board: CallBoard | None = None) -> None:
     """Entry point of a spawned worker: init models, wait for Redis, report to the supervisor, serve."""
     setup_logging()
     # Ctrl-C reaches the supervisor, which stops us; the supervisor starts us with SIGINT already
@@ -218,7 +282,7 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
     _tell(status, ("initialised", None))
 
     outage = OutageLog(settings.server, worker_index, f"worker {worker_index}", reporter)
-    worker = Worker(settings, queue_index, models, consumer_name(worker_index), outage=outage)
+    worker = Worker(settings, queue_index, models, consumer_name(worker_index), outage=outage, board=board)
 
     def stop(signum: int, frame: object) -> None:
         worker.stopping = True
@@ -227,7 +291,8 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
     try:
         if worker.connect():
             # The supervisor imports no model, so the worker tells it what it serves (for its heartbeat).
-            _tell(status, ("ready", {"pid": os.getpid(), "streams": worker.streams, "apis": sorted(models)}))
+            _tell(status, ("ready", {"pid": os.getpid(), "streams": worker.streams, "apis": sorted(models),
+                                     "consumer": worker.stream.consumer}))
             worker.run()
     except RedisRefused as exc:
         _tell(status, ("refused", str(exc)))

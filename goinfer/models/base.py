@@ -17,9 +17,10 @@ class Model(abc.ABC):
             starting with "__noapi__" is served by dispatchers but not routed by the HTTP tier.
         queue: a custom queue name (go-infer's CustomQueue); "" means the settings' QueueName.
 
-    One instance lives in the HTTP process (only `api_entry` is called there) and one in every
-    worker process (`init` once, then `infer` per request), so instances must not share state
-    across tiers. `self.settings` is the loaded Settings; `self.customer` its `Customer:` section.
+    One instance lives in the HTTP process (only `api_entry` is called there, in threads) and
+    one in every worker process (`init` once, then `infer` per request), so instances must not
+    share state across tiers. `self.settings` is the loaded Settings; `self.customer` its
+    `Customer:` section.
 
     Dynamic batching: a model that also defines
 
@@ -29,12 +30,17 @@ class Model(abc.ABC):
     request order, and returns one result per request; an `ApiError` *returned* (not raised) in
     place of a result fails that request alone. A model with only `infer` is never batched.
     `batch_size` / `batch_timeout_ms` override the settings' Server.BatchSize / BatchTimeoutMs.
+
+    `max_infer_seconds` overrides Server.MaxInferSeconds for this model: one call of `infer` (or
+    `infer_batch`) running longer is stuck, its worker is stopped and its requests are answered
+    InferFail. A call that is merely slow, within it, runs once, however long it holds the GIL.
     """
 
     api_path: ClassVar[str]
     queue: ClassVar[str] = ""
     batch_size: ClassVar[int | None] = None
     batch_timeout_ms: ClassVar[float | None] = None
+    max_infer_seconds: ClassVar[float | None] = None
 
     settings: Any = None
 
@@ -47,6 +53,11 @@ class Model(abc.ABC):
         queue = cls.__dict__.get("queue")
         if queue is not None and not isinstance(queue, str):
             raise TypeError(f"{cls.__qualname__}.queue must be a string, got {queue!r}")
+        limit = cls.__dict__.get("max_infer_seconds")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                  or not 0 < limit < float("inf")):
+            raise TypeError(f"{cls.__qualname__}.max_infer_seconds must be a positive number of seconds, "
+                            f"got {limit!r}")
 
     @classmethod
     def supports_batching(cls) -> bool:
@@ -65,8 +76,13 @@ class Model(abc.ABC):
     def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
         """Check the request's `data` in the HTTP tier; return the params put on the queue.
 
-        Runs on the HTTP tier's event loop: keep it to validation and light reshaping. Raise
-        `goinfer.ApiError(code, msg)` to refuse a request with your own code.
+        Runs in a thread of this model's own pool in the HTTP process (API.ApiEntryThreads of
+        them; 0 puts it back on the event loop), so a slow call delays only this model's requests;
+        several calls may run at once, so keep shared state thread-safe. When all threads are
+        busy and API.MaxWaitingApiEntries requests wait, the next is refused with ApiEntryBusy
+        (9714). Threads share the GIL: keep heavy computation for `infer`. Raise
+        `goinfer.ApiError(code, msg)` to refuse a request with your own code; any other
+        exception answers ApiEntryFail (9701) with its message.
         """
 
     @abc.abstractmethod
