@@ -150,8 +150,23 @@ API:
     }
     RequestTimestampDiff: 300 # seconds a request's timestamp may differ from the server's clock
     AllowSignPlain: [] # appIds allowed to send signType "plain" (no signature)
-    MaxBodyBytes: 16777216 # goinfer: larger bodies are refused with BodyTooLarge (9710)
+    # goinfer: larger bodies are refused with BodyTooLarge (9710) before being read; checking a
+    # body's signature costs up to ~0.5 us per byte before its sender is known.
+    MaxBodyBytes: 4194304
     MaxJsonDepth: 512 # goinfer: deeper JSON nesting is refused with SignFail1 (9801)
+    # goinfer: bodies up to InlineCheckBytes that are cheap to check are checked on the event
+    # loop; all others in CheckProcesses child processes, so that no body stalls other clients.
+    InlineCheckBytes: 16384
+    CheckProcesses: 1
+    # goinfer: at most MaxUnverified such bodies are received or checked at once,
+    # MaxUnverifiedPerClient per client address; more get TooManyUnverified (9713, HTTP 429).
+    # Behind a proxy every client has the proxy's address: limit per client in the proxy.
+    MaxUnverified: 16
+    MaxUnverifiedPerClient: 4
+    # goinfer: each model's api_entry runs in ApiEntryThreads threads of its own (0: on the event
+    # loop); when MaxWaitingApiEntries more wait, the next gets ApiEntryBusy (9714).
+    ApiEntryThreads: 4
+    MaxWaitingApiEntries: 1000
     # goinfer: one INFO line per answered request on the logger "goinfer.access":
     # method, path, appId, code, latency, requestId. false: no line, no cost.
     AccessLog: true
@@ -170,6 +185,8 @@ Server:
     # RedisPasswd when nothing answers here; elsewhere, give redis-server `requirepass` this password.
     RedisServer: "127.0.0.1:7480"
     RedisPasswd: "$redis_passwd"
+    # goinfer: seconds Redis may take to answer before the HTTP tier counts the connection dead.
+    RedisTimeoutS: 3
     QueueName: "$queue_name"
     RequestQueueAmount: 1 # number of queues; run `goinfer server N` for each N in [0, amount)
     MessageTimeout: 10 # seconds a request may wait for its answer before QueueTimeout (9997)
@@ -185,6 +202,10 @@ Server:
     ClaimIdleMs: 3000
     MaxDeliveries: 3
     DeadLetterMaxLength: 10000
+    # goinfer: a request is never claimed from a worker that is alive, however long its model
+    # runs; one model call running longer than MaxInferSeconds is stuck: its worker is restarted
+    # and its requests answered InferFail (9998). 0 = MessageTimeout.
+    MaxInferSeconds: 0
     ShutdownGraceS: 30 # goinfer: on SIGTERM, workers get this long to finish what they took
     # goinfer: each dispatcher refreshes its heartbeat key in Redis this often (seconds); the key
     # expires after 3 intervals, so /ready stops counting a killed dispatcher within 3 intervals.
@@ -224,6 +245,8 @@ ErrCode:
     DeadLettered: { code: 9705, msg: "request set aside after failing in several workers" } # goinfer
     BodyTimeout: { code: 9712, msg: "request body not received in time" } # goinfer
     Replayed: { code: 9807, msg: "request already received" } # goinfer
+    TooManyUnverified: { code: 9713, msg: "too many unverified requests in progress, try again later" } # goinfer
+    ApiEntryBusy: { code: 9714, msg: "api entry busy, try again later" } # goinfer
 
 # Free key-values for your models (self.customer in a Model).
 Customer: {

@@ -58,8 +58,24 @@ class ApiSettings:
     app_id_secret: Mapping[str, str] = field(default_factory=dict, repr=False)
     request_timestamp_diff: float = 300.0
     allow_sign_plain: tuple[str, ...] = ()
-    max_body_bytes: int = 16 * 1024 * 1024
+    # The largest body read. A body's signature check costs up to ~0.5 us per byte of pure
+    # Python before anything is known about its sender, so this bounds what one unsigned request
+    # can cost (the embedding example's largest legal request, 64 texts of 8 KiB, is ~0.5-3 MiB).
+    max_body_bytes: int = 4 * 1024 * 1024
     max_json_depth: int = 512
+    # Bodies up to this size that are cheap to check (valid UTF-8, at most a few hundred JSON
+    # values) are checked on the event loop, in well under 1 ms; others in CheckProcesses child
+    # processes (0: all on the event loop, as before), at most MaxUnverified of them being
+    # received or checked at once, MaxUnverifiedPerClient per client address.
+    inline_check_bytes: int = 16 * 1024
+    check_processes: int = 1
+    max_unverified: int = 16
+    max_unverified_per_client: int = 4
+    # Each model's api_entry runs in its own pool of this many threads, not on the event loop
+    # (0: on the event loop, as before); at most MaxWaitingApiEntries requests per model wait
+    # for a thread (then ApiEntryBusy).
+    api_entry_threads: int = 4
+    max_waiting_api_entries: int = 1000
     http_workers: int = 1
     body_read_timeout_s: float = 30.0
     reject_replay: bool = False
@@ -73,6 +89,9 @@ class ServerSettings:
 
     redis_server: str = "127.0.0.1:7480"
     redis_passwd: str = field(default="", repr=False)
+    # The HTTP tier counts a Redis connection dead when an answer takes longer than this (a
+    # black-holed connection gives no error, only silence), and Redis unreachable meanwhile.
+    redis_timeout_s: float = 3.0
     queue_name: str = "goinfer-synchronous-asynchronous-queue"
     request_queue_amount: int = 1
     message_timeout: float = 10.0
@@ -82,6 +101,9 @@ class ServerSettings:
     max_queue_length: int = 10000
     claim_idle_ms: int = 3000
     max_deliveries: int = 3
+    # A model call running longer is stuck: its worker is stopped and its requests answered
+    # InferFail. 0: MessageTimeout (no client waits longer). A model's max_infer_seconds wins.
+    max_infer_seconds: float = 0.0
     shutdown_grace_s: float = 30.0
     dead_letter_max_length: int = 10000
     metrics_port: int = 0  # 0: no dispatcher /metrics; else `server N` listens on MetricsPort + N
@@ -229,6 +251,12 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
     "AllowSignPlain": ("allow_sign_plain", _string_list),
     "MaxBodyBytes": ("max_body_bytes", _int(1024)),
     "MaxJsonDepth": ("max_json_depth", _int(2, 10000)),
+    "InlineCheckBytes": ("inline_check_bytes", _int(0)),
+    "CheckProcesses": ("check_processes", _int(0, 64)),
+    "MaxUnverified": ("max_unverified", _int(1)),
+    "MaxUnverifiedPerClient": ("max_unverified_per_client", _int(1)),
+    "ApiEntryThreads": ("api_entry_threads", _int(0, 1024)),
+    "MaxWaitingApiEntries": ("max_waiting_api_entries", _int(0)),
     "HttpWorkers": ("http_workers", _int(1, 256)),
     "BodyReadTimeoutS": ("body_read_timeout_s", _number(positive=True)),
     "RejectReplay": ("reject_replay", _bool),
@@ -239,6 +267,7 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
 _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "RedisServer": ("redis_server", _string),
     "RedisPasswd": ("redis_passwd", _string),
+    "RedisTimeoutS": ("redis_timeout_s", _number(positive=True)),
     "QueueName": ("queue_name", _string),
     "RequestQueueAmount": ("request_queue_amount", _int(1, 1024)),
     "MessageTimeout": ("message_timeout", _number(positive=True)),
@@ -248,6 +277,7 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "MaxQueueLength": ("max_queue_length", _int(1)),
     "ClaimIdleMs": ("claim_idle_ms", _int(500)),
     "MaxDeliveries": ("max_deliveries", _int(1, 100)),
+    "MaxInferSeconds": ("max_infer_seconds", _number()),
     "ShutdownGraceS": ("shutdown_grace_s", _number()),
     "DeadLetterMaxLength": ("dead_letter_max_length", _int(1)),
     "MetricsPort": ("metrics_port", _int(0, 65535)),

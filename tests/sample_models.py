@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -197,3 +198,151 @@ class SlowInit(Echo):
     def init(self) -> None:
         print(f"slow init started in {os.getpid()}", flush=True)
         time.sleep(float(os.environ.get("SLOW_INIT_S", "60")))
+
+
+class GilHolder(Model):
+    """Holds the GIL for `hold_s` seconds, as a model running native code that never releases it
+    does: no other thread of its worker runs meanwhile. The time is spent in C calls (sums over a
+    range) back to back, with the interpreter's switch interval raised above `hold_s` so that no
+    waiting thread is handed the GIL between two of them: one long C call, of a known length on
+    any machine. A request run again holds `again_s` (default `hold_s`). Counts in Redis each
+    request's starts and completions, and the pids of the workers that started it (under its
+    `label`, else its request id).
+    """
+
+    api_path = "/api/hold"
+
+    def init(self) -> None:
+        host, _, port = self.settings.server.redis_server.rpartition(":")
+        self.redis = redis.Redis(host=host, port=int(port))
+        self.key = f"{self.settings.server.queue_name}hold:"
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.redis.rpush(f"{self.key}pids:{params.get('label', request_id)}", os.getpid())
+        starts = self.redis.hincrby(f"{self.key}starts", request_id, 1)
+        hold = float(params.get("hold_s", 0) if starts == 1 else params.get("again_s", params.get("hold_s", 0)))
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(hold + 60)
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < hold:
+                sum(range(200_000))
+            held = time.monotonic() - started
+        finally:
+            sys.setswitchinterval(switch_interval)
+        self.redis.hincrby(f"{self.key}done", request_id, 1)
+        return {"held_s": round(held, 3), "starts": starts, "pid": os.getpid()}
+
+
+class PatientGilHolder(GilHolder):
+    """A GilHolder whose own limit is longer than the settings'."""
+
+    api_path = "/api/hold-patient"
+    max_infer_seconds = 60
+
+
+class ImpatientGilHolder(GilHolder):
+    """A GilHolder whose own limit is shorter than the settings'."""
+
+    api_path = "/api/hold-impatient"
+    max_infer_seconds = 1.5
+
+
+
+class Gated(Model):
+    """Runs a request once the file `data.gate` exists (up to a minute), then appends its request
+    id to the file `data.log`: holds requests in `infer` while a test breaks Redis, and counts
+    executions without needing Redis to write."""
+
+    api_path = "/api/gated"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        gate, deadline = str(params["gate"]), time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with open(str(params["log"]), "a") as log:
+            log.write(request_id + "\n")
+        return {"i": params.get("i"), "pid": os.getpid()}
+
+
+def _unsendable(kind: str) -> dict[str, Any]:
+    """A result JSON cannot carry."""
+    if kind == "deep":
+        nested: dict[str, Any] = {}
+        for _ in range(100_000):
+            nested = {"a": nested}
+        return {"deep": nested}
+    return {"nan": {"x": float("nan")}, "inf": {"x": float("inf")}, "-inf": {"x": -float("inf")},
+            "surrogate": {"x": "lone \udc80 surrogate"}}[kind]
+
+
+class Unsendable(Model):
+    """Batches, and answers each request as `data.kind` says: normally (naming the requests of its
+    batch), or with a result JSON cannot carry (nan, inf, -inf, surrogate, deep: nested 100,000
+    levels). `data.entry: surrogate` makes api_entry return a lone surrogate."""
+
+    api_path = "/api/unsendable"
+    batch_size = 32
+    batch_timeout_ms = 100
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("entry") == "surrogate":
+            return {"text": "lone \ud800 surrogate"}
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self.infer_batch([(request_id, params)])[0]
+
+    def infer_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        ids = [request_id for request_id, _ in batch]
+        return [_unsendable(str(params["kind"])) if params.get("kind")
+                else {"i": params.get("i"), "batch": ids, "pid": os.getpid()} for _, params in batch]
+
+
+class BatchRecorder(Recorder):
+    """A Recorder that batches: what a worker took in one read runs as one infer_batch call."""
+
+    api_path = "/api/record-batch"
+    batch_size = 16
+    batch_timeout_ms = 50
+
+    def infer_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        return [self.infer(request_id, params) for request_id, params in batch]
+
+
+class Unencodable(Echo):
+    """Its api_entry returns text no UTF-8 encoder takes (a lone surrogate) when asked: such a
+    request must fail alone, not with the requests that travel with it to Redis."""
+
+    api_path = "/api/unencodable"
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {"text": "\ud800" if data.get("bad") else "fine", "i": data.get("i")}
+
+
+class SlowEntry(Model):
+    """Its api_entry sleeps `data.sleep` seconds, as one that calls a slow service would."""
+
+    api_path = "/api/slow-entry"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(data.get("sleep", 0)))
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"slept": params.get("sleep", 0)}
