@@ -105,10 +105,11 @@ def async_client(server: ServerSettings, *, blocking_s: float = 0.0) -> redis.as
     )
 
 
-def sync_client(server: ServerSettings, *, timeout_s: float = 30.0) -> redis.Redis:
-    """A blocking client (start-up checks, `goinfer up`); dispatchers use outage.dispatcher_client."""
+def sync_client(server: ServerSettings, *, timeout_s: float = 30.0, retries: int = 0) -> redis.Redis:
+    """A blocking client (start-up checks, `goinfer up`, the dispatchers), with the same timeouts
+    and keepalive as the HTTP tier's; `retries` immediate retries of a failed command."""
     options = _connection_options(timeout_s)
-    options["retry"] = Retry(NoBackoff(), 0)
+    options["retry"] = Retry(NoBackoff(), retries)
     return redis.Redis.from_url(redis_url(server), **options)
 
 

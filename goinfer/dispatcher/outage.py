@@ -14,10 +14,8 @@ import logging
 from typing import Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from goinfer.connections import CONNECT_TIMEOUT_S, describe_redis, redis_url, refusal
+from goinfer.connections import CONNECT_TIMEOUT_S, describe_redis, refusal, sync_client
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -36,14 +34,7 @@ def dispatcher_client(server: ServerSettings, *, timeout_s: float = 30.0) -> red
     (seconds per command, a wrong password included); one immediate retry is kept, for a pooled
     connection that Redis closed while it was idle.
     """
-    return redis.Redis.from_url(
-        redis_url(server),
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=timeout_s,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),
-    )
+    return sync_client(server, timeout_s=timeout_s, retries=1)
 
 
 class Backoff:
