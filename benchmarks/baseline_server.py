@@ -29,7 +29,7 @@ DRAIN_BATCH = 256
 def make_app(redis_url: str, stream: str, api: str) -> web.Application:
     client = redis.asyncio.Redis.from_url(redis_url)
     reader = redis.asyncio.Redis.from_url(redis_url)
-    replies = reply_key(f"baseline-{uuid.uuid4().hex}")
+    replies = reply_key(f"baseline-{uuid.uuid4().hex}", 0)
     waiting: dict[str, asyncio.Future[Reply]] = {}
 
     async def read_replies() -> None:

@@ -1,9 +1,9 @@
 """The contract between the HTTP tier and the dispatchers: Redis key names and message formats.
 
 Both tiers import this module and never each other. Requests travel on one Redis stream per
-queue (`QueueName` + N, go-infer's channel names) read by a consumer group, so a request waits
-in Redis until some worker takes it; answers go back on one list per HTTP process, matched by
-request id. Messages are JSON, never pickle: Redis content must not be able to run code.
+queue (`QueueName` + N, go-infer's channel names, after a hash tag) read by a consumer group, so
+a request waits in Redis until some worker takes it; answers go back on one list per HTTP process
+and queue, matched by request id. Messages are JSON, never pickle: Redis content must not be able to run code.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 CONSUMER_GROUP = "goinfer"
 JOB_FIELD = "m"
 REPLY_KEY_PREFIX = "goinfer:reply:"
+ALIVE_KEY_PREFIX = "goinfer:alive:"
 # A reply list outlives a vanished HTTP process by this long, then Redis frees it.
 REPLY_TTL_S = 300
 
@@ -44,15 +45,35 @@ STAT_DEADLINE_DROPPED = "deadline_dropped"
 STAT_ORPHANED = "orphaned"
 
 
+# Redis Cluster puts a key in the hash slot of the text between its first "{" and "}" (its hash
+# tag). Every key of queue number N carries the tag {qN}: its streams (the default queue's and each
+# model queue's), their dead-letter streams and stats, the replay keys of requests sent to it, and
+# the reply lists its workers answer on. So everything one command, script or MULTI/EXEC of a
+# queue touches lives in one slot (no CROSSSLOT), and the queues, not the keys of one queue, are
+# what Redis Cluster spreads over its primaries. On a single Redis the tags are just part of the
+# names. "q" because {q0}, {q1}, {q2} fall in the three thirds of the slot space that
+# `redis-cli --cluster create` gives three primaries.
+def queue_tag(index: int) -> str:
+    """The hash tag every key of queue number `index` carries."""
+    return f"{{q{index}}}"
+
+
 def dead_letter_stream(stream: str) -> str:
     """Where requests that kept killing workers are kept, with the reason, for a person to see."""
     return f"{stream}{DEAD_LETTER_SUFFIX}"
 
 
-def replay_key(app_id: str, sign_data: str) -> str:
-    """One key per signature; hashed, so a huge signData cannot make a huge key."""
+def replay_target(app_id: str, sign_data: str, queue_amount: int) -> tuple[int, str]:
+    """The queue number a signed request goes to, and its replay key, both from its signature.
+
+    One key per signature, hashed, so a huge signData cannot make a huge key. The key must be in
+    the slot of the stream it is checked with (one script does both), so a replayed signature has
+    to land on the same queue number every time: the number is taken from the digest, not drawn
+    at random. Signatures are unpredictable, so the queues still share the load evenly.
+    """
     digest = hashlib.sha256(sign_data.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{REPLAY_KEY_PREFIX}{app_id}:{digest}"
+    index = int(digest[:16], 16) % queue_amount
+    return index, f"{REPLAY_KEY_PREFIX}{queue_tag(index)}:{app_id}:{digest}"
 
 
 def dispatcher_key(host: str, pid: int) -> str:
@@ -71,25 +92,27 @@ def stats_key(stream: str) -> str:
 
 
 def stream_name(queue_base: str, index: int) -> str:
-    """go-infer's queue naming: the base name followed by the queue number."""
-    return f"{queue_base}{index}"
+    """go-infer's queue naming (the base name followed by the queue number), after the queue's
+    hash tag: "{q0}goinfer0". The tag comes first so that no brace in a QueueName can move it."""
+    return f"{queue_tag(index)}{queue_base}{index}"
 
 
 # An HTTP process proves it still reads its reply list by refreshing this key every
 # TIER_ALIVE_REFRESH_S; it expires TIER_ALIVE_TTL_S after the process died (kill -9 included), so
 # a worker can skip a request whose client is gone instead of running it for nobody.
-TIER_ALIVE_SUFFIX = ":alive"
 TIER_ALIVE_REFRESH_S = 1.0
 TIER_ALIVE_TTL_S = 5
 
 
-def tier_alive_key(reply_to: str) -> str:
-    """The liveness key of the HTTP process that reads the reply list `reply_to`."""
-    return f"{reply_to}{TIER_ALIVE_SUFFIX}"
+def tier_alive_key(http_process_id: str) -> str:
+    """The liveness key of one HTTP process; in no queue's slot (a worker reads it on its own)."""
+    return f"{ALIVE_KEY_PREFIX}{http_process_id}"
 
 
-def reply_key(http_process_id: str) -> str:
-    return f"{REPLY_KEY_PREFIX}{http_process_id}"
+def reply_key(http_process_id: str, index: int) -> str:
+    """The list on which one HTTP process receives the answers of the requests it sent to queue
+    number `index`: one per queue, so a worker's answer and acknowledgement share a slot."""
+    return f"{REPLY_KEY_PREFIX}{queue_tag(index)}:{http_process_id}"
 
 
 def streams_for(default_queue: str, model_queues: Iterable[str | None], indexes: Iterable[int], *,
@@ -109,9 +132,10 @@ def streams_for(default_queue: str, model_queues: Iterable[str | None], indexes:
     return [stream_name(base, index) for base in ordered for index in indexes]
 
 
-def choose_stream(queue_base: str, queue_amount: int) -> str:
-    """A uniformly random queue of the `RequestQueueAmount`, as go-infer spreads requests."""
-    return stream_name(queue_base, random.randrange(queue_amount))
+def choose_queue(queue_amount: int) -> int:
+    """A uniformly random queue number of the `RequestQueueAmount`, as go-infer spreads requests
+    (for requests without a replay key; see `replay_target`)."""
+    return random.randrange(queue_amount)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,15 @@ class ServerSettings:
     # The HTTP tier counts a Redis connection dead when an answer takes longer than this (a
     # black-holed connection gives no error, only silence), and Redis unreachable meanwhile.
     redis_timeout_s: float = 3.0
+    # The sentinels' own password, when RedisServer is a redis+sentinel:// URL (Redis's
+    # `requirepass` for sentinels); the password in the URL, or RedisPasswd, is the master's.
+    redis_sentinel_passwd: str = field(default="", repr=False)
+    # RedisServer names nodes of a Redis Cluster (also implied by a redis+cluster:// URL).
+    redis_cluster: bool = False
+    # An enqueue is acknowledged only once this many replicas hold it (Redis WAIT), so a request
+    # accepted survives a failover; 0: Redis's asynchronous replication (faster, see the docs).
+    enqueue_replicas: int = 0
+    enqueue_replicas_timeout_ms: int = 100
     queue_name: str = "goinfer-synchronous-asynchronous-queue"
     request_queue_amount: int = 1
     message_timeout: float = 10.0
@@ -268,6 +277,10 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "RedisServer": ("redis_server", _string),
     "RedisPasswd": ("redis_passwd", _string),
     "RedisTimeoutS": ("redis_timeout_s", _number(positive=True)),
+    "RedisSentinelPasswd": ("redis_sentinel_passwd", _string),
+    "RedisCluster": ("redis_cluster", _bool),
+    "EnqueueReplicas": ("enqueue_replicas", _int(0, 16)),
+    "EnqueueReplicasTimeoutMs": ("enqueue_replicas_timeout_ms", _int(1, 60_000)),
     "QueueName": ("queue_name", _string),
     "RequestQueueAmount": ("request_queue_amount", _int(1, 1024)),
     "MessageTimeout": ("message_timeout", _number(positive=True)),
@@ -292,7 +305,8 @@ _SCHEMAS: dict[str, dict[str, tuple[str, Check]]] = {"API": _API_KEYS, "Server":
 _ENV_SECTIONS = ("API", "Server", "ErrCode", "Customer")  # Models is GOINFER_MODELS
 
 # Keys whose values no message shows: the credentials, and RedisServer, whose URL may hold one.
-SECRET_KEYS = frozenset({"API.SM2PrivateKey", "API.AppIdSecret", "Server.RedisPasswd", "Server.RedisServer"})
+SECRET_KEYS = frozenset({"API.SM2PrivateKey", "API.AppIdSecret", "Server.RedisPasswd", "Server.RedisServer",
+                         "Server.RedisSentinelPasswd"})
 
 
 def load_settings(path: str = DEFAULT_SETTINGS_PATH, environ: Mapping[str, str] | None = None) -> Settings:

@@ -10,6 +10,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from goinfer.client import Client, GoinferError
+from goinfer.queue import stream_name
 
 from conftest import APP_ID, APP_SECRET, settings_of, url_of, wait_until, write_settings
 
@@ -85,9 +86,9 @@ def test_custom_queue(tmp_path, redis_server, processes):
     processes.server(settings)
     data = client(url_of(settings)).call("/api/custom", {"x": 7})
     assert (data["served"], data["x"]) == ("custom", 7)
-    info = redis_server.client().xinfo_groups("goinfer-test-custom-queue-0")
+    info = redis_server.client().xinfo_groups(stream_name("goinfer-test-custom-queue-", 0))
     assert info and info[0]["last-delivered-id"] != b"0-0"
-    default_stream = settings_of(settings)["Server"]["QueueName"] + "0"
+    default_stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     assert redis_server.client().xinfo_groups(default_stream)[0]["last-delivered-id"] == b"0-0"
 
 

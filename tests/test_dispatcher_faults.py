@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from goinfer.client import Client, GoinferError
-from goinfer.queue import Job
+from goinfer.queue import Job, stream_name
 
 from conftest import (
     APP_ID,
@@ -126,7 +126,7 @@ def test_a_worker_that_keeps_dying_stops_the_dispatcher(tmp_path, redis_server, 
                               Server={"MaxWorkers": 1, "MaxDeliveries": 100, "WorkerRestartLimit": 3,
                                       "WorkerRestartWindowS": 600})
     server = processes.server(settings)
-    stream = settings_of(settings)["Server"]["QueueName"] + "0"
+    stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     request = Job(f"20260101{uuid.uuid4().hex}", "/api/suicide", {}, "test-reply-" + uuid.uuid4().hex, 4102444800.0)
     redis_server.client().xadd(stream, {"m": request.encode()})  # each restarted worker runs it again, and dies
     assert server.process.wait(120) == 1, server.output

@@ -120,11 +120,11 @@ def test_heartbeat_fields_of_the_wrong_type_are_dropped():
 
 
 def test_streams_for():
-    assert streams_for("q", [None, "c", "b", "c", "q"], [0], with_default=True) == ["q0", "b0", "c0"]
-    assert streams_for("q", ["c"], [0]) == ["c0"]
-    assert streams_for("q", ["c"], [0], with_default=True) == ["q0", "c0"]
-    assert streams_for("q", [None, "c"], [0, 1]) == ["q0", "q1", "c0", "c1"]
-    assert streams_for("q", [], [3], with_default=True) == ["q3"]
+    assert streams_for("q", [None, "c", "b", "c", "q"], [0], with_default=True) == ["{q0}q0", "{q0}b0", "{q0}c0"]
+    assert streams_for("q", ["c"], [0]) == ["{q0}c0"]
+    assert streams_for("q", ["c"], [0], with_default=True) == ["{q0}q0", "{q0}c0"]
+    assert streams_for("q", [None, "c"], [0, 1]) == ["{q0}q0", "{q1}q1", "{q0}c0", "{q1}c1"]
+    assert streams_for("q", [], [3], with_default=True) == ["{q3}q3"]
 
 
 # --- batching decisions ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from redis.exceptions import OutOfMemoryError
 
 from goinfer.dispatcher.orphans import TierWatch
 from goinfer.dispatcher.stream import RepliesRefused, StreamConsumer
-from goinfer.queue import CONSUMER_GROUP, STAT_ORPHANED, Job, Reply, stats_key, tier_alive_key
+from goinfer.queue import CONSUMER_GROUP, STAT_ORPHANED, Job, Reply, stats_key, stream_name, tier_alive_key
 from goinfer.testing import TEST_CREDENTIALS
 
 from conftest import (
@@ -50,7 +50,7 @@ def test_replies_refused_at_maxmemory_are_kept_and_delivered_once_memory_is_free
     server = processes.server(settings)
     processes.http(settings)
     url = url_of(settings) + "/api/gated"
-    stream = settings_of(settings)["Server"]["QueueName"] + "0"
+    stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     gate, executions = tmp_path / "gate", tmp_path / "executions"
     client = own_redis.client()
     count = 12
@@ -150,7 +150,7 @@ def test_requests_whose_http_process_is_gone_are_skipped_unrun(tmp_path, redis_s
     settings = write_settings(tmp_path, redis_server.address, Models=["sample_models:BatchRecorder"],
                               Server={"MaxWorkers": 1})
     queue = settings_of(settings)["Server"]["QueueName"]
-    stream = queue + "0"
+    stream = stream_name(queue, 0)
     client = redis_server.client()
     gone_tier, live_tier = f"goinfer:reply:gone-{uuid.uuid4().hex}", f"goinfer:reply:live-{uuid.uuid4().hex}"
     client.set(tier_alive_key(live_tier), "1", ex=60)

@@ -19,6 +19,7 @@ require_embedding_stack()
 import numpy as np  # noqa: E402
 
 from goinfer.client import Client, GoinferError  # noqa: E402
+from goinfer.queue import stream_name  # noqa: E402
 
 from conftest import APP_ID, APP_SECRET, SM2_PRIVATE_KEY, settings_of, url_of, write_settings  # noqa: E402
 
@@ -45,7 +46,7 @@ def service(tmp_path, redis_server, processes):
     processes.http(settings, program=PROGRAM)
     client = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SM2", sm2_private_key=SM2_PRIVATE_KEY,
                     timeout=120)
-    stream = f"{settings_of(settings)['Server']['QueueName']}0"
+    stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     return {"client": client, "server": server, "stream": stream, "redis": redis_server.client()}
 
 

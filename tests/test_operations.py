@@ -20,6 +20,7 @@ from goinfer.client import Client, GoinferError
 from goinfer.http.server import build_app
 from goinfer.models.echo import Echo
 from goinfer.models.registry import ModelRegistry
+from goinfer.queue import stream_name
 from goinfer.settings import load_settings
 
 from conftest import (
@@ -73,7 +74,7 @@ def ops_settings(tmp_path, redis_server, **server: Any):
 def test_ready_follows_the_dispatchers(tmp_path, redis_server, processes):
     metrics_port = free_port()
     settings = ops_settings(tmp_path, redis_server, MessageTimeout=1, MetricsPort=metrics_port)
-    queue = settings_of(settings)["Server"]["QueueName"] + "0"
+    queue = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     http = processes.http(settings)
     url = url_of(settings)
     assert get_json(url + "/health") == (200, {"status": "ok"})
@@ -118,7 +119,7 @@ def test_ready_fails_when_redis_is_unreachable(tmp_path, processes):
 def test_metrics_status_and_access_log(tmp_path, redis_server, processes):
     metrics_port = free_port()
     settings = ops_settings(tmp_path, redis_server, MetricsPort=metrics_port)
-    queue = settings_of(settings)["Server"]["QueueName"] + "0"
+    queue = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     http = processes.http(settings)
     server = processes.server(settings)
     url = url_of(settings)
@@ -216,7 +217,7 @@ def test_dead_letters_and_restarts_are_counted(tmp_path, redis_server, processes
     settings = write_settings(tmp_path, redis_server.address, Models=["sample_models:Crasher"],
                               Server={"MaxWorkers": 1, "MaxDeliveries": 1, "ClaimIdleMs": 500,
                                       "MetricsPort": metrics_port, "HeartbeatIntervalS": HEARTBEAT_S})
-    queue = settings_of(settings)["Server"]["QueueName"] + "0"
+    queue = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     processes.http(settings)
     server = processes.server(settings)
     url = url_of(settings)

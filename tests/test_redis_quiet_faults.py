@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from goinfer.http.queue_client import QueueClient, ReplyTimeout, SendFailure
-from goinfer.queue import JOB_FIELD, TIER_ALIVE_TTL_S, Job
+from goinfer.queue import JOB_FIELD, TIER_ALIVE_TTL_S, Job, stream_name
 from goinfer.settings import ServerSettings
 from goinfer.testing import TEST_CREDENTIALS, FaultProxy
 
@@ -373,7 +373,7 @@ def test_a_payload_redis_cannot_take_fails_alone_in_its_batch(redis_server):
         queue = QueueClient(ServerSettings(redis_server=redis_server.address))
         await queue.start()
         try:
-            payloads = [Job(f"id{i}", "/api/echo", {"i": i}, queue.reply_key, time.time() + 60).encode()
+            payloads = [Job(f"id{i}", "/api/echo", {"i": i}, queue.reply_key(0), time.time() + 60).encode()
                         for i in range(50)]
             payloads[17] = '{"text":"' + chr(0xD800) + '"}'  # a lone surrogate
             return await asyncio.gather(*(queue.submit(stream, f"id{i}", payload, 1.0)
@@ -389,7 +389,7 @@ def test_a_payload_redis_cannot_take_fails_alone_in_its_batch(redis_server):
 
 
 def alive_keys(redis: RedisServer) -> list[bytes]:
-    return list(redis.client().scan_iter("goinfer:reply:*:alive"))
+    return list(redis.client().scan_iter("goinfer:alive:*"))
 
 
 def test_the_tier_keeps_its_liveness_key_until_it_dies(tmp_path, processes, own_redis):
@@ -397,7 +397,7 @@ def test_the_tier_keeps_its_liveness_key_until_it_dies(tmp_path, processes, own_
     client = own_redis.client()
     http = processes.http(settings)
     [key] = wait_until(lambda: alive_keys(own_redis), 10, "the tier's liveness key")
-    assert key.decode().startswith("goinfer:reply:")
+    assert key.decode().startswith("goinfer:alive:")
     time.sleep(TIER_ALIVE_TTL_S + 1)
     assert client.exists(key) and 0 < client.ttl(key) <= TIER_ALIVE_TTL_S  # refreshed, and expiring
 
@@ -418,7 +418,7 @@ def test_jobs_name_the_liveness_key_of_their_tier(tmp_path, processes, own_redis
     [key] = wait_until(lambda: alive_keys(own_redis), 10, "the tier's liveness key")
     answer = post(url_of(settings) + "/api/echo", {"x": 1})
     assert answer.code == 9997, answer
-    stream = settings_of(settings)["Server"]["QueueName"] + "0"
+    stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     [(_, fields)] = own_redis.client().xrange(stream)
     job = Job.decode(fields[JOB_FIELD.encode()])
     assert job.alive_key == key.decode()
@@ -438,7 +438,7 @@ def test_a_restarted_tier_is_not_served_behind_the_orphans_of_the_one_killed(tmp
     pool = ThreadPoolExecutor(80)
     try:
         orphans = [pool.submit(post, url, {"i": i, "sleep": 0.2}) for i in range(80)]
-        stream = settings_of(settings)["Server"]["QueueName"] + "0"
+        stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
         wait_until(lambda: own_redis.client().xlen(stream) >= 80, 30, "80 requests to be queued")
         first.stop(signal.SIGKILL)
         killed_at = time.monotonic()

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from goinfer.client import Client, GoinferError, signed_body
+from goinfer.queue import dead_letter_stream, stream_name
 
 from conftest import (
     APP_ID,
@@ -100,7 +101,7 @@ def test_poison_request_is_dead_lettered_and_others_are_unharmed(tmp_path, redis
     assert isinstance(result, GoinferError) and result.code == 9705, result
     assert all(not isinstance(o, GoinferError) and o["ok"] for o in others), others
     assert server.output.count("died with exit code 17") == 3
-    dead_stream = settings_of(settings)["Server"]["QueueName"] + "0:dead"
+    dead_stream = dead_letter_stream(stream_name(settings_of(settings)["Server"]["QueueName"], 0))
     dead = redis_server.client().xrange(dead_stream)
     assert len(dead) == 1 and b"delivered 3 times" in dead[0][1][b"reason"]
     assert b'"crash":true' in dead[0][1][b"m"]
@@ -179,7 +180,7 @@ def test_full_queue_is_refused_at_once(tmp_path, redis_server, processes):
     api = client(url_of(settings))
     with ThreadPoolExecutor(5) as pool:
         waiting = [pool.submit(outcome, api, "/api/echo", {"i": i}) for i in range(5)]
-        stream = settings_of(settings)["Server"]["QueueName"] + "0"
+        stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
         wait_until(lambda: redis_server.client().xlen(stream) == 5, 10, "five waiting requests")
         started = time.monotonic()
         refused = outcome(api, "/api/echo", {"i": 99})

@@ -20,7 +20,7 @@ import redis
 from goinfer import Model
 from goinfer.client import Client, GoinferError
 from goinfer.dispatcher.liveness import CAPACITY, Call, CallBoard, EntryKeeper, Holder, infer_limit_s, settle_overdue
-from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, Job, Reply
+from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, Job, Reply, dead_letter_stream, stream_name
 from goinfer.settings import ServerSettings, parse_settings
 
 from conftest import APP_ID, APP_SECRET, settings_of, url_of, wait_until, write_settings
@@ -145,7 +145,7 @@ def test_a_call_past_max_infer_seconds_is_answered_infer_fail_once_and_the_dispa
     # Not a crash: with WorkerRestartLimit 0 a counted death would have stopped the dispatcher.
     assert server.process.poll() is None
     assert error_codes([outcome(api, "/api/hold", {"hold_s": 0}) for _ in range(4)]) == [0] * 4
-    assert not store.xlen(settings_of(settings)["Server"]["QueueName"] + "0:dead")
+    assert not store.xlen(dead_letter_stream(stream_name(settings_of(settings)["Server"]["QueueName"], 0)))
     assert "Traceback" not in server.output
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from goinfer.dispatcher.runner import Runner
-from goinfer.queue import Job, Reply
+from goinfer.queue import Job, Reply, stream_name
 from goinfer.settings import Settings
 from goinfer.testing import TEST_CREDENTIALS
 
@@ -89,7 +89,7 @@ def test_unsendable_results_answer_infer_fail_alone_and_the_batch_is_unaffected(
                               Server={"MaxWorkers": 1, "MessageTimeout": 60})
     http = processes.http(settings)
     url = url_of(settings) + "/api/unsendable"
-    stream = settings_of(settings)["Server"]["QueueName"] + "0"
+    stream = stream_name(settings_of(settings)["Server"]["QueueName"], 0)
     client = redis_server.client()
     requests = [{"kind": kind} for kind in BAD_RESULTS] + [{"i": i} for i in range(10)]
     with ThreadPoolExecutor(len(requests)) as pool:

@@ -35,7 +35,7 @@ from goinfer.http.ops import OpsEndpoints
 from goinfer.http.queue_client import QueueClient, QueueFull, Replayed, ReplyTimeout, SendFailure
 from goinfer.http.signing import SignatureChecker, SignCheckFailure, SignedRequest
 from goinfer.models.base import NOAPI_PREFIX, Model
-from goinfer.queue import Job, Reply, choose_stream, replay_key
+from goinfer.queue import Job, Reply, choose_queue, replay_target, stream_name
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
@@ -123,11 +123,17 @@ class ApiHandler:
         request_id = envelope.new_request_id()
         arrived = time.time()
         pool = self.entry_pools.get(model.api_path)
+        replay: str | None = None
+        if self._reject_replay:
+            index, replay = replay_target(app_id, signed.sign_data, self._queue_amount)
+        else:
+            index = choose_queue(self._queue_amount)
         try:
             if pool is None:
-                payload = self._job_of(model, signed.data, request_id, arrived)
+                payload = self._job_of(model, signed.data, request_id, arrived, index)
             else:
-                payload = await pool.run(functools.partial(self._job_of, model, signed.data, request_id, arrived))
+                payload = await pool.run(functools.partial(self._job_of, model, signed.data, request_id, arrived,
+                                                           index))
         except EntryBusy as exc:
             return self._fail("ApiEntryBusy", app_id, request_id, str(exc))
         except ApiError as exc:
@@ -136,8 +142,7 @@ class ApiHandler:
             log.exception("api_entry of %s failed (requestId %s)", type(model).__name__, request_id)
             return self._fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
 
-        stream = choose_stream(model.queue or self._default_queue, self._queue_amount)
-        replay = replay_key(app_id, signed.sign_data) if self._reject_replay else None
+        stream = stream_name(model.queue or self._default_queue, index)
         try:
             reply = await self._queue.submit(stream, request_id, payload, self._timeout, replay, self._replay_ttl)
         except SendFailure as exc:
@@ -157,14 +162,14 @@ class ApiHandler:
             return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
         return Outcome(envelope.success(app_id, request_id, reply.data), 0, app_id, request_id, reply)
 
-    def _job_of(self, model: Model, data: dict, request_id: str, arrived: float) -> str:
+    def _job_of(self, model: Model, data: dict, request_id: str, arrived: float, index: int) -> str:
         """model.api_entry and the encoded Job: in one of the model's api_entry threads (on the
         event loop with ApiEntryThreads 0)."""
         params = model.api_entry(data)
         if not isinstance(params, dict):
             raise TypeError(f"api_entry must return a dict, returned {type(params).__name__}")
         # Encoding here refuses params that cannot travel as JSON, with the model's name.
-        return Job(request_id, model.api_path, params, self._queue.reply_key, arrived + self._timeout,
+        return Job(request_id, model.api_path, params, self._queue.reply_key(index), arrived + self._timeout,
                    alive_key=self._queue.alive_key).encode()
 
     async def _receive(self, request: web.Request) -> SignedRequest | Outcome:

@@ -116,9 +116,10 @@ class QueueClient:
 
     def __init__(self, server: ServerSettings) -> None:
         self._server = server
-        self.reply_key = reply_key(uuid.uuid4().hex)
+        self.process_id = uuid.uuid4().hex
+        self.reply_keys = [reply_key(self.process_id, index) for index in range(server.request_queue_amount)]
         # Every job this process sends names it (Job.alive_key): it expires soon after we die.
-        self.alive_key = tier_alive_key(self.reply_key)
+        self.alive_key = tier_alive_key(self.process_id)
         self._redis: redis.asyncio.Redis = async_client(server)
         self._reader_redis: redis.asyncio.Redis = async_client(server, blocking_s=READ_BLOCK_S)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -149,9 +150,14 @@ class QueueClient:
                 raise refused from None
             self.health.failed(started, exc)
         else:
-            log.info("redis at %s answers; replies come back on %s", self._address, self.reply_key)
+            log.info("redis at %s answers; replies come back on %s (one list per queue number)",
+                     self._address, self.reply_keys[0])
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_replies()), loop.create_task(self._keep_alive())]
+
+    def reply_key(self, index: int) -> str:
+        """Where the answers of our requests to queue number `index` come back."""
+        return self.reply_keys[index]
 
     def when_refused(self, callback: Callable[[], None]) -> None:
         """Call `callback` once if Redis starts refusing our credentials (at once if it has)."""
@@ -286,20 +292,20 @@ class QueueClient:
             callback()
 
     async def _read_replies(self) -> None:
-        """Drain our reply list forever. A connection that dies, even silently, ends this BLPOP
+        """Drain our reply lists forever. A connection that dies, even silently, ends this BLPOP
         within READ_BLOCK_S + RedisTimeoutS; the next one is made on a fresh connection."""
         delay = RECONNECT_FIRST_S
         while not self._closing:
             started = time.monotonic()
             try:
-                item = await self._reader_redis.blpop([self.reply_key], timeout=READ_BLOCK_S)
+                item = await self._reader_redis.blpop(self.reply_keys, timeout=READ_BLOCK_S)
                 self.health.answered(started)
                 delay = RECONNECT_FIRST_S
                 if item is None:
                     continue
                 self._deliver(item[1])
                 # LPOP with a count answers a list (redis-py types it as one value).
-                rest = cast("list[bytes] | None", await self._reader_redis.lpop(self.reply_key, DRAIN_BATCH))
+                rest = cast("list[bytes] | None", await self._reader_redis.lpop(item[0], DRAIN_BATCH))
                 for raw in rest or ():
                     self._deliver(raw)
             except asyncio.CancelledError:
