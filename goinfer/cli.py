@@ -117,12 +117,19 @@ def server_command(queue: int, yaml_path: str) -> None:
 
 @click.command("up")
 @yaml_option
-def up_command(yaml_path: str) -> None:
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Keep the private redis-server's data in DIR (created if missing) as an append-only file, "
+                   "fsynced every second: if that Redis dies, it comes back with the requests queued in it, "
+                   "and the next `up --data-dir DIR` starts from the same data. Default: none, nothing is kept.")
+def up_command(yaml_path: str, data_dir: str | None) -> None:
     """Run everything on this machine: one dispatcher per queue and the HTTP tier.
 
     If the settings' Redis is on this machine and does not answer, a private redis-server is
-    started first (the installed one, or the one of the `goinfer[redis]` extra) with its files in
-    a temporary folder. Ctrl-C or SIGTERM stops everything that was started.
+    started first (the installed one, or the one of the `goinfer[redis]` extra), and started
+    again if it dies. Without --data-dir it persists nothing: its files are in a temporary folder
+    removed when it stops, and the requests queued in it are lost (answered QueueTimeout) when it
+    dies. With --data-dir it keeps its data there. A Redis that already answers is used as it is
+    (--data-dir is then ignored, with a warning). Ctrl-C or SIGTERM stops everything that was started.
     Refuses go-infer's published example credentials on a non-loopback API.Addr.
     """
     from goinfer.up import run_up
@@ -130,7 +137,7 @@ def up_command(yaml_path: str) -> None:
     settings = _load(yaml_path)
     _refuse_published(settings)
     _models(settings)  # refuse a broken model list before starting anything
-    sys.exit(run_up(settings, _model_paths(settings)))
+    sys.exit(run_up(settings, _model_paths(settings), data_dir))
 
 
 def add_commands(group: click.Group) -> click.Group:

@@ -2,6 +2,12 @@
 
 Children are spawned processes running the same functions as `goinfer http` and
 `goinfer server N`, so single-machine mode behaves exactly like a distributed deployment.
+
+The private Redis is started again if it dies, since the tiers wait an outage out but nothing
+else would end it. It is throwaway unless the user names a data folder (`--data-dir`): then it
+keeps an append-only file there, as a deployment's durable Redis would, so a Redis that died comes
+back with the requests queued in it (served if within their MessageTimeout, while their HTTP tier
+still waits), and the next `up` with that folder starts from the same data.
 """
 
 from __future__ import annotations
@@ -9,7 +15,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import multiprocessing
+import os
+import signal
 import socket
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -21,13 +30,24 @@ from goinfer.cli_options import EXIT_CONFIG, EXIT_FAILED, fatal
 from goinfer.connections import RedisRefused, describe_redis, redis_url, refusal, sync_client
 from goinfer.logs import setup_logging
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
-from goinfer.redis_server import INSTALL_HINT, RedisServer, find_redis_server, start_redis_server
+from goinfer.redis_server import (
+    INSTALL_HINT,
+    DataFolderError,
+    RedisServer,
+    RedisServerError,
+    find_redis_server,
+    start_redis_server,
+)
 from goinfer.settings import Settings, SettingsError
 
 log = logging.getLogger("goinfer.up")
 
 REDIS_START_TIMEOUT_S = 10.0
 CHILD_STOP_GRACE_S = 40.0
+# A private redis-server that dies is started again, on the same port and data folder; one that
+# dies more often than this within the window will not stay up, and `up` stops.
+REDIS_RESTART_LIMIT = 3
+REDIS_RESTART_WINDOW_S = 60.0
 
 
 def _is_local(host: str) -> bool:
@@ -50,12 +70,18 @@ def _bind_address(host: str) -> str:
         return "127.0.0.1"
 
 
-def ensure_redis(settings: Settings) -> RedisServer | None:
-    """Start a private Redis if the configured one is local and silent; raise RuntimeError if
-    impossible, RedisRefused if the Redis that answers refuses the credentials."""
+def ensure_redis(settings: Settings, data_dir: str | os.PathLike[str] | None = None) -> RedisServer | None:
+    """Start a private Redis if the configured one is local and silent, persisting to `data_dir`
+    when given; raise RuntimeError if impossible, RedisRefused if the Redis that answers refuses
+    the credentials."""
     client: redis.Redis = sync_client(settings.server)
     try:
         client.ping()
+        if data_dir is not None:
+            # Its persistence is its own configuration's: say so rather than let the user believe
+            # the queue is kept in data_dir.
+            log.warning("--data-dir %s is not used: redis at %s already answers, and keeps (or loses) its data "
+                        "as its own configuration says", data_dir, describe_redis(settings.server))
         return None
     except RedisError as exc:
         refused = refusal(exc, settings.server)
@@ -76,10 +102,23 @@ def ensure_redis(settings: Settings) -> RedisServer | None:
     if executable is None:
         raise RuntimeError(f"redis at {host}:{port} does not answer and no redis-server is installed: {INSTALL_HINT}")
     private = start_redis_server(port, password=connection.get("password") or None, host=_bind_address(host),
-                                 executable=executable, timeout_s=REDIS_START_TIMEOUT_S)
-    log.info("started a private redis-server on %s (pid %d, files in %s)",
-             private.address, private.process.pid, private.folder)
+                                 executable=executable, timeout_s=REDIS_START_TIMEOUT_S, data_dir=data_dir)
+    log.info("started a private redis-server on %s (pid %d, %s)", private.address, private.process.pid,
+             _persistence(private))
     return private
+
+
+def _persistence(private: RedisServer) -> str:
+    """Where the private server's data lives, and whether it outlives it: the user must know
+    whether stopping `up` loses the queued requests."""
+    if private.data_dir is None:
+        return f"no persistence: its files are in {private.folder}, removed when it stops"
+    try:
+        with private.client(socket_timeout=2.0) as client:
+            kept = f"{client.dbsize()} keys kept from before"
+    except RedisError as exc:
+        kept = f"keys kept from before unknown: {exc}"
+    return f"data in {private.data_dir}: append-only file, fsync every second; {kept}"
 
 
 def _http_child(settings: Settings, model_paths: list[str]) -> None:
@@ -104,12 +143,13 @@ def _dispatcher_child(settings: Settings, queue_index: int, model_paths: list[st
     raise SystemExit(run_dispatcher(settings, queue_index, model_paths))
 
 
-def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
-    """Run Redis (if needed), the dispatchers and the HTTP tier until a signal or a child dies."""
+def run_up(settings: Settings, model_paths: Sequence[str], data_dir: str | os.PathLike[str] | None = None) -> int:
+    """Run Redis (if needed; persisting to `data_dir` when given), the dispatchers and the HTTP
+    tier until a signal or a child dies."""
     stop = StopSignals()
     try:
-        private_redis = ensure_redis(settings)
-    except RedisRefused as exc:
+        private_redis = ensure_redis(settings, data_dir)
+    except (RedisRefused, DataFolderError) as exc:  # the user's to fix: one line, exit status 2
         fatal(str(exc))
     except RuntimeError as exc:
         log.error("%s", exc)
@@ -128,8 +168,14 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
             start_child(child)
         log.info("goinfer up: %s; Ctrl-C stops everything", ", ".join(children))
         sentinels = [child.sentinel for child in children.values()]
+        redis_deaths: list[float] = []
         while not stop.requested:
             done = wait(sentinels, timeout=0.5)
+            if private_redis is not None and not private_redis.running() and not stop.requested:
+                private_redis = _restart_redis(private_redis, redis_deaths)
+                if private_redis is None:
+                    status = EXIT_FAILED
+                    break
             if done and not stop.requested:
                 name = next(name for name, child in children.items() if child.sentinel in done)
                 code = exit_code(children[name])
@@ -146,6 +192,51 @@ def run_up(settings: Settings, model_paths: Sequence[str]) -> int:
             private_redis.stop()
     log.info("goinfer up: stopped")
     return status
+
+
+def _restart_redis(dead: RedisServer, deaths: list[float]) -> RedisServer | None:
+    """A new private redis-server in place of `dead`, or None (logged) if it keeps dying or
+    cannot start.
+
+    The tiers wait a Redis outage out by themselves, so only Redis needs starting again. With a
+    data folder it comes back with the queue as the append-only file kept it, and the requests
+    waiting in it are served; without one it comes back empty, and their clients get QueueTimeout.
+    """
+    code = dead.process.returncode
+    if code is not None and code < 0:  # its log says nothing about a signal: name the signal
+        how = f"was killed by signal {-code} ({_signal_name(-code)})"
+    else:  # it stopped itself, and its log says why
+        how = f"exited with code {code}: {dead.last_words()}"
+    log.error("the private redis-server (pid %d) %s", dead.process.pid, how)
+    dead.stop()  # its temporary folder; its data folder stays
+    now = time.monotonic()
+    deaths[:] = [*(death for death in deaths if now - death < REDIS_RESTART_WINDOW_S), now]
+    if len(deaths) > REDIS_RESTART_LIMIT:
+        log.error("the private redis-server died %d times within %gs; stopping everything", len(deaths),
+                  REDIS_RESTART_WINDOW_S)
+        return None
+    what = "with the queue its append-only file kept" if dead.data_dir else \
+        "empty (no --data-dir): the requests queued in it are lost, and answered QueueTimeout"
+    log.warning("starting the private redis-server again, %s", what)
+    try:
+        executable = find_redis_server()
+        if executable is None:
+            raise RedisServerError(f"no redis-server found: {INSTALL_HINT}")
+        private = start_redis_server(dead.port, password=dead.password, host=dead.host, executable=executable,
+                                     timeout_s=REDIS_START_TIMEOUT_S, data_dir=dead.data_dir)
+    except RedisServerError as exc:
+        log.error("%s; stopping everything", exc)
+        return None
+    log.info("started a private redis-server on %s (pid %d, %s)", private.address, private.process.pid,
+             _persistence(private))
+    return private
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"
 
 
 def _stop_children(children: dict[str, BaseProcess]) -> None:

@@ -346,3 +346,23 @@ class SlowEntry(Model):
 
     def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"slept": params.get("sleep", 0)}
+
+
+class FileRecorder(Model):
+    """Sleeps `data.sleep` seconds, then appends the request id to the file named by the setting
+    Customer.ExecutionsFile, one line per execution, and answers with the request's `i`: a record
+    of what ran that does not live in Redis, so it survives whatever Redis loses."""
+
+    api_path = "/api/record-file"
+
+    def init(self) -> None:
+        self.path = str(self.customer["ExecutionsFile"])
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(params.get("sleep", 0)))
+        with open(self.path, "a", encoding="utf-8") as executions:  # O_APPEND: one whole line per write
+            executions.write(f"{request_id}\n")
+        return {"request_id": request_id, "i": params.get("i")}
