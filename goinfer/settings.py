@@ -97,8 +97,9 @@ class ServerSettings:
     redis_sentinel_passwd: str = field(default="", repr=False)
     # RedisServer names nodes of a Redis Cluster (also implied by a redis+cluster:// URL).
     redis_cluster: bool = False
-    # An enqueue is acknowledged only once this many replicas hold it (Redis WAIT), so a request
-    # accepted survives a failover; 0: Redis's asynchronous replication (faster, see the docs).
+    # Each enqueue round trip ends with WAIT for this many replicas (at most EnqueueReplicasTimeoutMs):
+    # a request counts as queued once they hold it. One they do not hold in time is still queued and
+    # served, and counted and logged: a failover now could lose it. 0: no WAIT (see the docs).
     enqueue_replicas: int = 0
     enqueue_replicas_timeout_ms: int = 100
     queue_name: str = "goinfer-synchronous-asynchronous-queue"
@@ -345,6 +346,7 @@ def parse_settings(text: bytes | str, path: str = "<settings>", environ: Mapping
     server = _section(path, document, "Server", ServerSettings, warnings)
     if not server.queue_name:
         raise SettingsError(path, "Server.QueueName", "must not be empty")
+    _check_redis_address(path, server)
     return Settings(
         path=path,
         api=api,
@@ -355,6 +357,17 @@ def parse_settings(text: bytes | str, path: str = "<settings>", environ: Mapping
         warnings=tuple(warnings),
         environment=tuple(applied),
     )
+
+
+def _check_redis_address(path: str, server: ServerSettings) -> None:
+    """Parse RedisServer now, so that a malformed address is one line at start, not a traceback
+    in the first process that connects. (Imported here: goinfer.redis_address builds on this module.)"""
+    from goinfer.redis_address import redis_address
+
+    try:
+        redis_address(server)
+    except ValueError as exc:  # the messages show no password
+        raise SettingsError(path, "Server.RedisServer", str(exc)) from None
 
 
 class _Warnings(list):

@@ -35,6 +35,7 @@ __all__ = [
     "check_models",
     "check_published",
     "check_redis",
+    "check_redis_cluster",
     "check_settings",
     "check_sm2_key",
     "client_for",
@@ -248,18 +249,17 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
     instead: the HTTP tier answers SendMsgFail at once and workers keep their replies until
     memory is freed.
     """
-    import redis
-    from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
-    from redis.retry import Retry
 
-    from goinfer.connections import describe_redis, redis_url, refusal
+    from goinfer.connections import refusal, sync_client
+    from goinfer.redis_address import describe_redis, redis_address
 
     try:
+        if redis_address(settings.server).kind == "cluster":
+            return check_redis_cluster(settings)
         address = describe_redis(settings.server)
-        # goinfer.connections' URL (password, TLS), with a short timeout and no retries.
-        client = redis.Redis.from_url(redis_url(settings.server), socket_connect_timeout=timeout,
-                                      socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        # The tiers' client (password, TLS, the master a Sentinel names), with a short timeout.
+        client = sync_client(settings.server, timeout_s=timeout)
     except ValueError as exc:
         return CheckResult("redis", False, f"{settings.path}: Server.RedisServer: {exc}")
     try:
@@ -284,6 +284,47 @@ def check_redis(settings: Settings, timeout: float = REDIS_CHECK_TIMEOUT_S) -> C
                                            "delete queued requests, reply lists and consumer groups when it "
                                            f"fills up; set maxmemory-policy {NEEDED_MAXMEMORY_POLICY}")
     return CheckResult("redis", True, detail)
+
+
+def check_redis_cluster(settings: Settings) -> CheckResult:
+    """check_redis for a Redis Cluster: it answers as one, every node (replicas too: one may
+    become a primary) never evicts, and which primary serves each queue number's slot."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from goinfer.cluster_clients import as_redis_error
+    from goinfer.connections import cluster_map, refusal
+    from goinfer.queue import queue_tag
+    from goinfer.redis_address import describe_redis
+
+    server = settings.server
+    address = describe_redis(server)
+    try:
+        cluster = cluster_map(server)
+    except (RedisClusterException, RedisError, OSError) as exc:
+        error = as_redis_error(exc, server)
+        refused = refusal(error, server)  # a wrong password, or no cluster: named, never shown
+        return CheckResult("redis", False, str(refused) if refused else f"{address} does not answer: {error}")
+    try:
+        nodes = {node.name: node.redis_connection for node in cluster.get_nodes()}
+        primaries = sorted(node.name for node in cluster.get_primaries())
+        placement = [f"{queue_tag(index)} on {cluster.get_node_from_key(queue_tag(index)).name}"
+                     for index in range(server.request_queue_amount)]
+        infos = {name: (client.info("server"), client.info("memory")) for name, client in nodes.items() if client}
+    except (RedisClusterException, RedisError, OSError) as exc:
+        return CheckResult("redis", False, f"{address} does not answer: {as_redis_error(exc, server)}")
+    finally:
+        cluster.close()
+    versions = sorted({str(info.get("redis_version", "?")) for info, _ in infos.values()})
+    policies = {name: str(memory.get("maxmemory_policy", "?")) for name, (_, memory) in infos.items()}
+    detail = (f"{address}: {len(primaries)} primaries ({', '.join(primaries)}) and {len(nodes) - len(primaries)} "
+              f"replicas, redis {', '.join(versions)}; queues: {', '.join(placement)}")
+    evicting = sorted(name for name, policy in policies.items() if policy != NEEDED_MAXMEMORY_POLICY)
+    if evicting:
+        return CheckResult("redis", False, f"{detail}: maxmemory-policy is not {NEEDED_MAXMEMORY_POLICY} on "
+                                           f"{', '.join(f'{name} ({policies[name]})' for name in evicting)}, which "
+                                           "lets Redis delete queued requests, reply lists and consumer groups "
+                                           f"when it fills up; set maxmemory-policy {NEEDED_MAXMEMORY_POLICY}")
+    return CheckResult("redis", True, f"{detail}, maxmemory-policy {NEEDED_MAXMEMORY_POLICY}")
 
 
 def run_checks(path: str, redis_timeout: float = REDIS_CHECK_TIMEOUT_S) -> list[CheckResult]:

@@ -27,9 +27,10 @@ import redis
 from redis.exceptions import RedisError
 
 from goinfer.cli_options import EXIT_CONFIG, EXIT_FAILED, fatal
-from goinfer.connections import RedisRefused, describe_redis, redis_url, refusal, sync_client
+from goinfer.connections import RedisRefused, refusal, sync_client
 from goinfer.logs import setup_logging
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
+from goinfer.redis_address import describe_redis, redis_address, redis_url
 from goinfer.redis_server import (
     INSTALL_HINT,
     DataFolderError,
@@ -89,6 +90,9 @@ def ensure_redis(settings: Settings, data_dir: str | os.PathLike[str] | None = N
             raise refused from None
     finally:
         client.close()
+    if redis_address(settings.server).kind != "single":
+        raise RuntimeError(f"redis ({describe_redis(settings.server)}) does not answer; goinfer up starts a private "
+                           "redis-server only for a single-node address, not for a Sentinel service or a Cluster")
     # Address and password as the tiers will use them: RedisServer may be a URL carrying both.
     pool = redis.ConnectionPool.from_url(redis_url(settings.server))
     connection = pool.connection_kwargs

@@ -18,7 +18,16 @@ from redis.exceptions import OutOfMemoryError
 
 from goinfer.dispatcher.orphans import TierWatch
 from goinfer.dispatcher.stream import RepliesRefused, StreamConsumer
-from goinfer.queue import CONSUMER_GROUP, STAT_ORPHANED, Job, Reply, stats_key, stream_name, tier_alive_key
+from goinfer.queue import (
+    CONSUMER_GROUP,
+    STAT_ORPHANED,
+    TIER_ALIVE_TTL_S,
+    Job,
+    Reply,
+    stats_key,
+    stream_name,
+    tier_alive_key,
+)
 from goinfer.testing import TEST_CREDENTIALS
 
 from conftest import (
@@ -131,6 +140,21 @@ def test_tier_watch_asks_once_for_all_keys_and_trusts_a_live_one_briefly(own_red
     assert watch.gone([live]) == set()  # still trusted within trust_s
     now[0] += 1.0
     assert watch.gone([live]) == {live}
+
+
+def test_after_an_outage_every_tier_is_believed_alive_while_tiers_write_their_keys_again(own_redis):
+    """A Redis restarted from its append-only file, or a promoted replica, may hold liveness keys
+    that expired while their tiers could not reach it: not a sign that the tiers died."""
+    now = [100.0]
+    watch = TierWatch(own_redis.client(), clock=lambda: now[0])
+    missing = tier_alive_key("expired-during-the-outage")
+    watch.outage()
+    now[0] += 30.0  # the outage lasts; the grace starts when Redis answers the first question
+    assert watch.gone([missing]) == set()
+    now[0] += TIER_ALIVE_TTL_S - 0.1
+    assert watch.gone([missing]) == set()
+    now[0] += 0.2
+    assert watch.gone([missing]) == {missing}
 
 
 def test_a_dispatcher_starting_at_maxmemory_serves_with_the_groups_that_exist(own_redis):

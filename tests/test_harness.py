@@ -95,6 +95,15 @@ def test_up_does_not_start_a_plain_redis_for_a_tls_address(tmp_path, processes):
     assert "started a private redis-server" not in up.output and "Traceback" not in up.output
 
 
+@pytest.mark.parametrize("address", ["redis+sentinel://127.0.0.1:{port}/mymaster", "redis+cluster://127.0.0.1:{port}"])
+def test_up_does_not_start_a_plain_redis_for_a_sentinel_or_cluster_address(tmp_path, processes, address):
+    settings = write_settings(tmp_path, address.format(port=free_port()))
+    up = processes.start("up", "--yaml", str(settings))
+    assert up.process.wait(60) == 1, up.output
+    assert "not for a Sentinel service or a Cluster" in up.output
+    assert "started a private redis-server" not in up.output and "Traceback" not in up.output
+
+
 def test_up_stops_with_one_line_and_status_2_when_redis_refuses_the_password(tmp_path, processes):
     """A Redis that answers but refuses RedisPasswd is a settings problem: no private Redis, no
     children left retrying, one line naming the setting (never the password)."""

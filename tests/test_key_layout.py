@@ -10,6 +10,7 @@ import pytest
 from redis.crc import key_slot
 
 from goinfer.queue import (
+    DISPATCHERS_SET,
     dead_letter_stream,
     dispatcher_key,
     queue_tag,
@@ -56,8 +57,14 @@ def test_signatures_spread_evenly_over_the_queues():
 
 def test_keys_outside_any_queue_carry_no_queue_tag():
     """Read on their own (never in a queue's transaction), so they may live on any node."""
-    for key in (tier_alive_key("a1b2"), dispatcher_key("host", 42)):
-        assert "{" not in key
+    assert "{" not in tier_alive_key("a1b2")
+    assert "{q" not in dispatcher_key("host", 42)
+
+
+def test_heartbeats_share_the_slot_of_the_set_that_names_them():
+    """The prune script and the MGET of all heartbeats touch the set and every key at once."""
+    keys = [DISPATCHERS_SET, dispatcher_key("host", 42), dispatcher_key("other{q1}", 7)]
+    assert {slot(key) for key in keys} == {slot(DISPATCHERS_SET)}
 
 
 def test_a_brace_in_a_queue_name_cannot_move_its_stream_to_another_slot():

@@ -32,12 +32,12 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from goinfer.connections import redis_address
 from goinfer.crypto.sm2 import private_key_from_b64
 from goinfer.http.server import SHUTDOWN_GRACE_S
 from goinfer.models.registry import import_model
 from goinfer.published import PUBLISHED_APP_SECRETS, PUBLISHED_REDIS_PASSWORDS, PUBLISHED_SM2_PRIVATE_KEYS, is_loopback
 from goinfer.queue import streams_for
+from goinfer.redis_address import redis_address
 from goinfer.settings import Settings, SettingsError, parse_settings
 
 from conftest import (

@@ -2,10 +2,11 @@
 
 A thread, not the supervisor's watch loop, writes it: restarting a worker whose model takes a
 minute to load must not make the whole dispatcher look dead. Every Server.HeartbeatIntervalS
-the key `goinfer:dispatcher:<host>:<pid>` is set to a JSON description with a TTL of three
-intervals and named in the set `goinfer:dispatchers`; a dispatcher killed with SIGKILL
-disappears when its key expires, one stopped cleanly deletes it at once. Redis being down is
-logged, never fatal.
+the key `goinfer:{dispatchers}:<host>:<pid>` is set to a JSON description with a TTL of three
+intervals and named in the set `goinfer:{dispatchers}` (one hash slot for all: on a Redis
+Cluster one primary holds them, and the prune script may touch them all); a dispatcher killed
+with SIGKILL disappears when its key expires, one stopped cleanly deletes it at once. Redis
+being down is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from goinfer.connections import describe_redis, is_out_of_memory
-from goinfer.dispatcher.outage import dispatcher_client
+from goinfer.connections import is_out_of_memory
+from goinfer.dispatcher.outage import dispatcher_nodes
 from goinfer.queue import DISPATCHERS_SET, DispatcherHeartbeat, heartbeat_ttl_s
+from goinfer.redis_address import describe_redis
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -47,8 +49,8 @@ class Heartbeat:
         self._describe = describe
         self._interval = server.heartbeat_interval_s
         self._ttl = heartbeat_ttl_s(self._interval)
-        self._redis = dispatcher_client(server, timeout_s=COMMAND_TIMEOUT_S)
-        self._prune = self._redis.register_script(PRUNE_SCRIPT)
+        # The keys and the set share a hash tag: on a Redis Cluster, one primary holds them all.
+        self._nodes = dispatcher_nodes(server, DISPATCHERS_SET, timeout_s=COMMAND_TIMEOUT_S)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
@@ -63,12 +65,14 @@ class Heartbeat:
         """Write the key once; False (logged once per outage) when Redis does not take it."""
         try:
             payload = self._describe().encode()
-            pipe = self._redis.pipeline(transaction=False)
+            client = self._nodes.client
+            pipe = client.pipeline(transaction=False)
             pipe.set(self._key, payload, ex=self._ttl)
             pipe.sadd(DISPATCHERS_SET, self._key)
             pipe.execute()
-            self._prune(keys=[DISPATCHERS_SET])
+            client.register_script(PRUNE_SCRIPT)(keys=[DISPATCHERS_SET])
         except (RedisError, OSError) as exc:
+            self._nodes.lost(exc)
             if is_out_of_memory(exc) and self._keep_alive():
                 return True  # Redis at maxmemory: the last description stays, and so does /ready
             if not self._failing:
@@ -88,7 +92,7 @@ class Heartbeat:
         """At maxmemory Redis refuses SET but accepts EXPIRE, which needs no memory: keep the key
         written last alive, so a full Redis does not make a serving dispatcher look dead."""
         try:
-            return bool(self._redis.expire(self._key, self._ttl))
+            return bool(self._nodes.client.expire(self._key, self._ttl))
         except (RedisError, OSError):
             return False
 
@@ -98,14 +102,14 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(COMMAND_TIMEOUT_S * 3)
         try:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self._nodes.client.pipeline(transaction=False)
             pipe.delete(self._key)
             pipe.srem(DISPATCHERS_SET, self._key)
             pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("cannot delete the dispatcher heartbeat (%s); it expires in %ds", exc, self._ttl)
         finally:
-            self._redis.close()
+            self._nodes.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -30,6 +30,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
+from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.models.base import Model
 from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job
 from goinfer.settings import ServerSettings
@@ -188,8 +189,8 @@ class EntryKeeper:
     consumer: it resets the entry's idle time without counting a delivery.
     """
 
-    def __init__(self, client: redis.Redis, claim_idle_ms: int) -> None:
-        self.client = client  # also the supervisor's, to settle stuck calls
+    def __init__(self, client: redis.Redis | NodeClients, claim_idle_ms: int) -> None:
+        self.nodes = node_clients(client)  # also the supervisor's, to settle stuck calls
         self._interval = refresh_interval_s(claim_idle_ms)
         self._holders: tuple[Holder, ...] = ()
         self._stop = threading.Event()
@@ -199,6 +200,11 @@ class EntryKeeper:
         """Replace the set of live workers (called by the supervisor's main thread)."""
         self._holders = tuple(holders)  # one assignment: the thread sees the old or the new tuple
 
+    @property
+    def client(self) -> redis.Redis:
+        """The client of the node that serves the queue's streams."""
+        return self.nodes.client
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="goinfer-entry-keeper", daemon=True)
         self._thread.start()
@@ -207,22 +213,26 @@ class EntryKeeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(COMMAND_TIMEOUT_S * 3)
-        self.client.close()
+        self.nodes.close()
 
     def refresh(self) -> int:
         """Refresh once: two round trips whatever the number of workers; how many entries were refreshed."""
         pairs = [(holder.consumer, stream) for holder in self._holders for stream in holder.streams]
         if not pairs:
             return 0
-        pipe = self.client.pipeline(transaction=False)
+        client = self.client
+        pipe = client.pipeline(transaction=False)
         for consumer, stream in pairs:
             pipe.xpending_range(stream, CONSUMER_GROUP, min="-", max="+", count=REFRESH_SCAN,
                                 consumername=consumer)
         held = pipe.execute(raise_on_error=False)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         refreshed = 0
         for (consumer, stream), rows in zip(pairs, held, strict=True):
-            if isinstance(rows, Exception) or not rows:
+            if isinstance(rows, Exception):
+                self.nodes.lost(rows)  # MOVED: on a cluster, the queue has another primary now
+                continue
+            if not rows:
                 continue  # no group yet (or Redis emptied): the worker's next read recreates it
             ids = [row["message_id"] for row in rows]
             pipe.xclaim(stream, CONSUMER_GROUP, consumer, 0, ids, justid=True)
@@ -236,6 +246,7 @@ class EntryKeeper:
             try:
                 self.refresh()
             except (RedisError, OSError) as exc:  # an outage: the dispatcher reports it once, elsewhere
+                self.nodes.lost(exc)
                 log.debug("could not refresh the workers' entries: %s", exc)
             except Exception:  # noqa: BLE001 - a bug here must not stop a serving dispatcher
                 log.exception("refreshing the workers' entries failed")

@@ -6,6 +6,10 @@ never with a traceback, and no worker is restarted for it. Redis refusing the cr
 commands (a wrong password, none where one is needed, an ACL that forbids a command) never
 passes by itself: retrying would only fill the logs, so it stops the dispatcher with one line
 that names the setting to fix.
+
+A failover is Redis away too: the commands in flight fail (the connection reset, or READONLY
+from a master demoted to a replica) and the dispatcher waits it out on the same back-off,
+reconnecting to the new master (the sentinels name it to every new connection).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Protocol
 
 import redis
 
-from goinfer.connections import CONNECT_TIMEOUT_S, describe_redis, refusal, sync_client
+from goinfer.cluster_clients import ClusterNodeClients, NodeClients
+from goinfer.connections import CONNECT_TIMEOUT_S, refusal, sync_client
+from goinfer.redis_address import describe_redis, redis_address
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -35,6 +41,18 @@ def dispatcher_client(server: ServerSettings, *, timeout_s: float = 30.0) -> red
     connection that Redis closed while it was idle.
     """
     return sync_client(server, timeout_s=timeout_s, retries=1)
+
+
+def dispatcher_nodes(server: ServerSettings, home: str, *, timeout_s: float = 30.0) -> NodeClients:
+    """The clients of one part of a dispatcher, which fail fast as dispatcher_client's do.
+
+    `home` is a key of the slot it works in (its queue's hash tag, or the heartbeats'): on a
+    Redis Cluster everything it sends in one round trip goes to the primary serving that slot,
+    found again after a failover; on one Redis, to that Redis.
+    """
+    if redis_address(server).kind == "cluster":
+        return ClusterNodeClients(server, home, timeout_s=timeout_s, retries=1)
+    return NodeClients(dispatcher_client(server, timeout_s=timeout_s))
 
 
 class Backoff:
@@ -109,10 +127,11 @@ class RedisProbe:
     workers load their models, so they serve as soon as it is back.
     """
 
-    def __init__(self, server: ServerSettings, outage: OutageLog) -> None:
+    def __init__(self, server: ServerSettings, outage: OutageLog, home: str = "") -> None:
+        """`home`: a key of the queue's slot (on a cluster, the primary serving it is PINGed)."""
         self._server = server
         self._outage = outage
-        self._client = dispatcher_client(server, timeout_s=CONNECT_TIMEOUT_S)
+        self._nodes = dispatcher_nodes(server, home, timeout_s=CONNECT_TIMEOUT_S)
         self._backoff = Backoff()
         self.answered = False
         self.next_at = 0.0  # time.monotonic() of the next PING
@@ -122,12 +141,13 @@ class RedisProbe:
         if self.answered or now < self.next_at:
             return self.answered
         try:
-            self._client.ping()
+            self._nodes.client.ping()
         except (redis.RedisError, OSError) as exc:
             refused = refusal(exc, self._server)
             if refused is not None:
-                self._client.close()
+                self._nodes.close()
                 raise refused from None
+            self._nodes.lost(exc)
             delay = self._backoff.step()
             self._outage.failed(exc, delay)
             self.next_at = now + delay
@@ -140,4 +160,4 @@ class RedisProbe:
         if not self.answered:
             self.answered = True
             self._outage.recovered()
-            self._client.close()
+            self._nodes.close()

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError, ResponseError
 
+from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.connections import is_out_of_memory
 from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, entry_time_ms, stats_key
 
@@ -84,13 +85,25 @@ def decode_entry(stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, by
 class StreamConsumer:
     """One consumer (worker) of the group on its streams."""
 
-    def __init__(self, client: redis.Redis, streams: list[str], consumer: str, read_count: int = 1) -> None:
-        self.client = client
+    def __init__(self, client: redis.Redis | NodeClients, streams: list[str], consumer: str,
+                 read_count: int = 1) -> None:
+        # All the streams are one queue's: on a Redis Cluster, one slot, so one primary serves
+        # every command here, a MULTI/EXEC included.
+        self.nodes = node_clients(client)
         self.streams = list(streams)
         self.consumer = consumer
         self.read_count = read_count
         # Cluster-wide counters (stats_key) not yet written: they ride on the next `finish`.
         self._stats: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def client(self) -> redis.Redis:
+        """The client of the node that serves the streams (on a cluster, found again after `lost`)."""
+        return self.nodes.client
+
+    def lost(self, error: BaseException) -> None:
+        """A command failed with `error`: let the clients find the streams' node again if need be."""
+        self.nodes.lost(error)
 
     def ensure_groups(self) -> None:
         """Create the group on every stream (and the stream), unless it exists.

@@ -37,15 +37,16 @@ from redis.exceptions import RedisError
 
 from goinfer import __version__
 from goinfer.cli_options import fatal
-from goinfer.connections import RedisRefused, describe_redis
+from goinfer.connections import RedisRefused
 from goinfer.dispatcher.heartbeat import Heartbeat
 from goinfer.dispatcher.liveness import COMMAND_TIMEOUT_S, Call, CallBoard, EntryKeeper, Holder, settle_overdue
 from goinfer.dispatcher.metrics import MetricsServer
-from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe, dispatcher_client
+from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe, dispatcher_nodes
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
 from goinfer.dispatcher.worker import EXIT_REDIS_REFUSED, worker_process_main
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
-from goinfer.queue import DispatcherHeartbeat, Job, Reply, dispatcher_key
+from goinfer.queue import DispatcherHeartbeat, Job, Reply, dispatcher_key, queue_tag
+from goinfer.redis_address import describe_redis
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -88,7 +89,8 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         server = settings.server
         self._slots = [_Slot(index, CallBoard.create(self._context)) for index in range(server.max_workers)]
-        self._keeper = EntryKeeper(dispatcher_client(server, timeout_s=COMMAND_TIMEOUT_S), server.claim_idle_ms)
+        self._keeper = EntryKeeper(dispatcher_nodes(server, queue_tag(queue_index), timeout_s=COMMAND_TIMEOUT_S),
+                                   server.claim_idle_ms)
         self._infer_fail = settings.error("InferFail")
         self._restart_policy = RestartPolicy(server.worker_restart_limit, server.worker_restart_window_s)
         # Who is reporting a Redis outage, shared with the workers so that it is told once (OutageLog).
@@ -149,7 +151,7 @@ class Supervisor:
 
     def _serve(self, heartbeat: Heartbeat) -> int:
         probe = RedisProbe(self._settings.server, OutageLog(self._settings.server, SUPERVISOR, "dispatcher",
-                                                            self._reporter))
+                                                            self._reporter), queue_tag(self._queue_index))
         self._probe = probe
         announced = False
         self._keeper.start()
@@ -320,6 +322,7 @@ class Supervisor:
         try:
             answered = settle_overdue(self._keeper.client, slot.consumer, slot.streams, call, reply)
         except (RedisError, OSError) as exc:
+            self._keeper.nodes.lost(exc)
             log.error("could not answer the requests of worker %d's stuck call (%s): they will run again",
                       slot.index, exc)
             return

@@ -28,21 +28,22 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 
+from goinfer.cluster_clients import hash_tag
 from goinfer.connections import RedisRefused, refusal
 from goinfer.dispatcher import metrics
 from goinfer.dispatcher.batching import Work, batch_policies, fill, plan, read_size
 from goinfer.dispatcher.liveness import CallBoard, infer_limit_s, infer_limits
 from goinfer.dispatcher.orphans import TierWatch
-from goinfer.dispatcher.outage import Backoff, OutageLog, SharedInt, dispatcher_client
-from goinfer.dispatcher.reclaim import Reclaimer
+from goinfer.dispatcher.outage import Backoff, OutageLog, SharedInt, dispatcher_nodes
+from goinfer.dispatcher.reclaim import Reclaimer, find_stale
 from goinfer.dispatcher.runner import Runner
 from goinfer.dispatcher.stream import Done, Pending, RepliesRefused, StreamConsumer
 from goinfer.logs import setup_logging
 from goinfer.models.base import Model
 from goinfer.models.registry import ModelRegistry, instantiate
-from goinfer.queue import STAT_DEADLINE_DROPPED, STAT_ORPHANED, streams_for
+from goinfer.queue import STAT_DEADLINE_DROPPED, STAT_ORPHANED, queue_tag, streams_for
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.worker")
@@ -67,9 +68,9 @@ class Worker:
         self._policies = batch_policies(server, models)
         streams = streams_for(server.queue_name, [m.queue or None for m in models.values()], [queue_index],
                               with_default=True)
-        self.stream = StreamConsumer(client or dispatcher_client(server), streams, consumer,
+        self.stream = StreamConsumer(client or dispatcher_nodes(server, queue_tag(queue_index)), streams, consumer,
                                      read_size(self._policies))
-        self._tiers = TierWatch(self.stream.client)
+        self._tiers = TierWatch(self.stream.nodes)
         self._reclaimer = Reclaimer(self.stream, server, lambda job: self.runner.error_reply(job, "DeadLettered"))
         # What this worker runs, for the supervisor, which keeps its entries fresh and stops it
         # when a call runs past its model's limit (liveness.py): no thread here can do either
@@ -81,6 +82,11 @@ class Worker:
         self._outage = outage or OutageLog(server, 0, f"worker {consumer}")
         self._backoff = Backoff()
         self._groups_ready = False
+        self._redirected = False
+        # Replies whose send failed on a Redis error, which may or may not have stored them: sent
+        # again once Redis answers, for the entries still pending with us, instead of running
+        # their requests again.
+        self._unsent: list[Done] = []
         self.stopping = False
 
     @property
@@ -115,21 +121,40 @@ class Worker:
         # was lost. The supervisor keeps a live worker's entries fresh, so no other worker would
         # ever claim them: this worker takes them back itself, once it holds nothing else.
         recover_own = True
-        while pending or not self.stopping:
+        while pending or self._unsent or not self.stopping:
             try:
                 if not self._groups_ready:
                     self.stream.ensure_groups()
                     self._groups_ready = True
+                if self._unsent:
+                    self._send_again()
                 if recover_own and not pending:
                     pending, recover_own = self._reclaimer.own(), False
                 pending = pending or self._reclaimer.due() or self.stream.read()
                 if pending:
-                    pending = self._serve(pending)
+                    # Handed over: if serving them fails on Redis, what was answered is in
+                    # _unsent and the rest is still pending with us (recovered by `own`), so
+                    # nothing is run twice for a lost connection.
+                    taken, pending = pending, []
+                    pending = self._serve(taken)
                 self._healthy()
             except (RedisError, OSError) as exc:
+                if self.stopping:
+                    # Waiting Redis out is not for a worker told to stop: what it holds stays
+                    # pending in Redis and runs again after the restart (or on another worker).
+                    log.warning("stopping while redis fails (%s); %d taken and %d answered request(s) stay "
+                                "pending and run again", exc, len(pending), len(self._unsent))
+                    return
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc) and not refusal(exc, self._server):
                     log.warning("consumer group missing (Redis emptied?); creating it again")
                     self._groups_ready = False
+                elif isinstance(exc, AskError) and not self._redirected:
+                    # Redis Cluster: the queue's slot has moved (MOVED) or is moving (ASK); follow
+                    # it at once, and on the back-off only if it keeps answering so.
+                    log.info("%s %s %s:%s; following it", hash_tag(self.streams[0]),
+                             "is served by" if isinstance(exc, MovedError) else "is moving to", exc.host, exc.port)
+                    self._redirected = True
+                    self.stream.lost(exc)
                 else:
                     self._wait_out(exc)
                 recover_own = True
@@ -163,7 +188,7 @@ class Worker:
         for work in plan(runnable, _api, self._policies):
             if unsent and not refused:  # at maxmemory they wait for the batch's last send
                 try:
-                    self.stream.finish(unsent)
+                    self._send(unsent)
                     unsent = []
                 except RepliesRefused:
                     refused = True
@@ -183,9 +208,33 @@ class Worker:
     def _finish(self, done: list[Done], read_next: bool = False) -> list[Pending]:
         """Send the replies and acknowledge their entries; Redis at maxmemory is waited out."""
         try:
-            return self.stream.finish(done, read_next=read_next)
+            return self._send(done, read_next=read_next)
         except RepliesRefused as refused:
             return refused.following if self._hold(refused) else []
+
+    def _send(self, done: list[Done], read_next: bool = False) -> list[Pending]:
+        """stream.finish, keeping `done` in _unsent when a Redis error leaves unknown whether it
+        was stored (a connection lost after writing). RepliesRefused stored nothing: the caller
+        holds those."""
+        try:
+            return self.stream.finish(done, read_next=read_next)
+        except RepliesRefused:
+            raise
+        except (RedisError, OSError):
+            self._unsent.extend(done)
+            raise
+
+    def _send_again(self) -> None:
+        """Send the replies of _unsent whose entries are still pending with this consumer; the
+        others were stored and acknowledged before the connection failed (or were claimed by
+        another worker after a long outage, which answers them)."""
+        still = {(stale.stream, stale.entry_id) for stale in
+                 find_stale(self.stream.client, self.stream.streams, 0, self.stream.consumer)}
+        unsent, self._unsent = self._unsent, []
+        again = [(item, reply) for item, reply in unsent if (item.stream, item.entry_id) in still]
+        if again:
+            log.info("sending again %d answer(s) whose first send failed", len(again))
+            self._send(again)
 
     def _hold(self, refused: RepliesRefused) -> bool:
         """Redis at maxmemory refused the replies: keep them and send them once it takes them
@@ -225,6 +274,8 @@ class Worker:
         refused = refusal(exc, self._server)
         if refused is not None:
             raise refused from None
+        self.stream.lost(exc)  # READONLY after a failover, or on a cluster the queue's primary moved
+        self._tiers.outage()
         delay = self._backoff.step()
         self._outage.failed(exc, delay)
         deadline = time.monotonic() + delay
@@ -234,6 +285,7 @@ class Worker:
     def _healthy(self) -> None:
         self._backoff.reset()
         self._outage.recovered()
+        self._redirected = False
 
 
 def _api(item: Pending) -> str:

@@ -3,6 +3,8 @@
 Only /ready, /metrics and /goinfer/status call this, never a request's path. Dispatchers are
 found through the set of heartbeat keys (goinfer/queue.py); queue depths through XLEN and the
 consumer group's XPENDING summary; cluster-wide counters through the hashes workers increment.
+On a Redis Cluster, redis-py's cluster client sends each command to its key's node: the
+heartbeats share one slot (one MGET), the queues' reads go out as one pipeline per node.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio
+import redis.asyncio.cluster
 
 from goinfer.queue import (
     CONSUMER_GROUP,
@@ -49,7 +52,10 @@ class ClusterSnapshot:
                 "queues": [asdict(q) for q in self.queues]}
 
 
-async def read_dispatchers(client: redis.asyncio.Redis) -> list[DispatcherHeartbeat]:
+AnyRedis = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+
+async def read_dispatchers(client: AnyRedis) -> list[DispatcherHeartbeat]:
     """The heartbeats of the dispatchers alive now (keys that have not expired)."""
     members = sorted(await client.smembers(DISPATCHERS_SET))
     if not members:
@@ -64,7 +70,7 @@ async def read_dispatchers(client: redis.asyncio.Redis) -> list[DispatcherHeartb
     return found
 
 
-async def read_cluster(client: redis.asyncio.Redis, streams: list[str]) -> ClusterSnapshot:
+async def read_cluster(client: AnyRedis, streams: list[str]) -> ClusterSnapshot:
     """Dispatchers serving any of `streams`, and each stream's depth and counters: 3 round trips."""
     wanted = set(streams)
     dispatchers = [beat for beat in await read_dispatchers(client) if wanted.intersection(beat.streams)]

@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis.asyncio
+import redis.asyncio.cluster
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from goinfer import __version__
 from goinfer.connections import async_client
-from goinfer.http.cluster import ClusterSnapshot, read_cluster, read_dispatchers
+from goinfer.http.cluster import AnyRedis, ClusterSnapshot, read_cluster, read_dispatchers
 from goinfer.http.metrics import HttpMetrics, multiprocess_mode
 from goinfer.models.base import Model
 from goinfer.queue import served_streams, streams_for
@@ -39,8 +40,9 @@ PROBE_TIMEOUT_S = 1.0  # a readiness probe that waits longer than this on Redis 
 SCRAPE_TIMEOUT_S = 3.0
 IN_FLIGHT_REFRESH_S = 1.0
 # What a Redis call can raise when Redis or the connection fails, uvloop's RuntimeError for a
-# write on a transport a reset has closed included: a probe says "not ready", never a 500.
-_REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError, RuntimeError)
+# write on a transport a reset has closed included: a probe says "not ready", never a 500. On a
+# Redis Cluster, redis-py's cluster client raises RedisClusterException when no node answers.
+_REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError, RuntimeError, RedisClusterException)
 
 
 class OpsEndpoints:
@@ -62,7 +64,7 @@ class OpsEndpoints:
         self._in_flight = in_flight
         self._draining = draining
         self._redis_reachable = redis_reachable or (lambda: True)
-        self._redis: redis.asyncio.Redis | None = None
+        self._redis: AnyRedis | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     def add_routes(self, app: web.Application, taken: Mapping[str, Model]) -> None:
@@ -99,7 +101,7 @@ class OpsEndpoints:
             return not_ready
         try:
             assert self._redis is not None
-            await asyncio.wait_for(self._redis.ping(), PROBE_TIMEOUT_S)
+            await asyncio.wait_for(_ping(self._redis), PROBE_TIMEOUT_S)
             dispatchers = await asyncio.wait_for(read_dispatchers(self._redis), PROBE_TIMEOUT_S)
         except _REDIS_FAILURES:
             return not_ready
@@ -140,3 +142,11 @@ class OpsEndpoints:
         while True:
             self._metrics.in_flight.set(self._in_flight())
             await asyncio.sleep(IN_FLIGHT_REFRESH_S)
+
+
+async def _ping(client: AnyRedis) -> None:
+    """PING Redis; on a Redis Cluster every primary, since the tier sends to every queue."""
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        await client.ping(target_nodes=redis.asyncio.cluster.RedisCluster.PRIMARIES)
+    else:
+        await client.ping()

@@ -1,7 +1,9 @@
 """The HTTP tier's side of the queue: put a job on a stream, await its reply.
 
-One reader task per process drains this process's reply list and resolves the waiting request
-by id, so a request costs one XADD and no subscription, connection or task of its own. A second
+One reader task per process drains this process's reply lists (one per queue number, read with
+one BLPOP; on a Redis Cluster one reader per queue, as a BLPOP cannot span slots) and resolves the
+waiting request by id, so a request costs one enqueue script (enqueue.py, batched per event-loop
+tick) and no subscription, connection or task of its own. A second
 task keeps the process's liveness key (`queue.tier_alive_key`, named in every job as
 `alive_key`), so workers can skip the jobs of a process that died. What these tasks and the
 enqueues see of Redis feeds one RedisHealth (an outage, or a full Redis, is logged once when it
@@ -18,30 +20,32 @@ unreachable, a payload that cannot be encoded) or Redis answered it with an erro
 refusing). An enqueue whose command was written but whose answer never came (the connection
 died or went silent under it) may have been queued: that request waits for its reply like any
 other, and gets its result, or QueueTimeout (9997) at its deadline, after which no worker
-starts it.
+starts it. With Server.EnqueueReplicas, an enqueue also waits until that many replicas hold it
+(WAIT, in the same round trip; replication.py says what a short WAIT means).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import inspect
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis.asyncio
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio.connection import ConnectionPool
+from redis.exceptions import AskError
 
-from goinfer.connections import RedisRefused, async_client, describe_redis, is_out_of_memory, refusal
-from goinfer.http.redis_health import RedisHealth, is_unreachable
+from goinfer.cluster_clients import AsyncClusterNodes, as_redis_error, is_relocation
+from goinfer.connections import RedisRefused, async_client, is_out_of_memory, refusal
+from goinfer.http.enqueue import QUEUE_FULL, REPLAYED, EnqueueBatcher, MaybeQueued, NotQueued, spawn
+from goinfer.http.redis_health import ClusterHealth, RedisHealth, is_unreachable
+from goinfer.http.replication import ReplicaWait
 from goinfer.queue import JOB_FIELD, TIER_ALIVE_REFRESH_S, TIER_ALIVE_TTL_S, Reply, reply_key, tier_alive_key
+from goinfer.redis_address import describe_redis
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.http.queue")
@@ -52,22 +56,6 @@ RECONNECT_FIRST_S = 0.05
 RECONNECT_MAX_S = 2.0
 CLOSE_TIMEOUT_S = 1.0
 STOP_ATTEMPTS = 10
-
-
-# One round trip, atomic: refuse a replayed signature, refuse when the queue is full, else queue.
-ENQUEUE_SCRIPT = """
-if #KEYS > 1 and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
-  return -2
-end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  if #KEYS > 1 then redis.call('DEL', KEYS[2]) end
-  return -1
-end
-redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[2])
-return 1
-"""
-ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest()
-QUEUED, QUEUE_FULL, REPLAYED = 1, -1, -2
 
 
 class SendFailure(Exception):
@@ -94,23 +82,6 @@ class ReplyTimeout(Exception):
     """No reply before the request's deadline."""
 
 
-class NotQueued(Exception):
-    """An enqueue that certainly did not happen: its command never reached Redis, or Redis
-    answered it with an error. `cause` is what went wrong."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause) or type(cause).__name__)
-        self.cause = cause
-
-
-class MaybeQueued(Exception):
-    """An enqueue whose command was written but whose answer never came: it may have happened."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause) or type(cause).__name__)
-        self.cause = cause
-
-
 class QueueClient:
     """Submits jobs for one HTTP process and routes replies back to their requests."""
 
@@ -120,14 +91,30 @@ class QueueClient:
         self.reply_keys = [reply_key(self.process_id, index) for index in range(server.request_queue_amount)]
         # Every job this process sends names it (Job.alive_key): it expires soon after we die.
         self.alive_key = tier_alive_key(self.process_id)
-        self._redis: redis.asyncio.Redis = async_client(server)
-        self._reader_redis: redis.asyncio.Redis = async_client(server, blocking_s=READ_BLOCK_S)
+        self._redis = async_client(server)  # on a Redis Cluster, for the keys of no queue (our liveness key)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._enqueue = EnqueueBatcher(self._redis)
+        self.replica_wait = (ReplicaWait(describe_redis(server), server.enqueue_replicas,
+                                         server.enqueue_replicas_timeout_ms) if server.enqueue_replicas else None)
         self._max_length = str(server.max_queue_length)
         self._address = describe_redis(server)
-        self.health = RedisHealth(self._address)
+        # On one Redis, one enqueue batcher and one reader for every queue; on a Redis Cluster,
+        # each queue's enqueues and reply reads go to the primary serving its slot, one batcher
+        # per primary and one reader per queue (BLPOP cannot span slots), and each queue's
+        # health is its own: a primary that fails over fails only the requests to its queues.
+        self._cluster: AsyncClusterNodes | None = None
+        self._cluster_health: ClusterHealth | None = None
+        self._batchers: dict[int, tuple[redis.asyncio.Redis, EnqueueBatcher]] = {}
+        self._reader_redis: redis.asyncio.Redis | None = None
+        self._enqueue: EnqueueBatcher | None = None
+        self.health: RedisHealth
+        if isinstance(self._redis, redis.asyncio.Redis):
+            self._reader_redis = _one_redis(async_client(server, blocking_s=READ_BLOCK_S))
+            self._enqueue = EnqueueBatcher(self._redis, self.replica_wait)
+            self.health = RedisHealth(self._address)
+        else:
+            self._cluster = AsyncClusterNodes(server, self._redis)
+            self.health = self._cluster_health = ClusterHealth(self._address)
         self.refused: RedisRefused | None = None
         self._refusal_callbacks: list[Callable[[], None]] = []
         self._dropping_idle = False
@@ -144,6 +131,7 @@ class QueueClient:
         try:
             await self._redis.ping()
         except Exception as exc:  # noqa: BLE001 - redis-py, OSError, uvloop's RuntimeError: all mean "not now"
+            exc = as_redis_error(exc, self._server)
             refused = refusal(exc, self._server)
             if refused is not None:
                 await self._close_clients()
@@ -153,7 +141,9 @@ class QueueClient:
             log.info("redis at %s answers; replies come back on %s (one list per queue number)",
                      self._address, self.reply_keys[0])
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_replies()), loop.create_task(self._keep_alive())]
+        readers = [None] if self._cluster is None else range(len(self.reply_keys))
+        self._tasks = [*(loop.create_task(self._read_replies(index)) for index in readers),
+                       loop.create_task(self._keep_alive())]
 
     def reply_key(self, index: int) -> str:
         """Where the answers of our requests to queue number `index` come back."""
@@ -196,7 +186,10 @@ class QueueClient:
 
     async def _close_clients(self) -> None:
         await self._redis.aclose()
-        await self._reader_redis.aclose()
+        if self._reader_redis is not None:
+            await self._reader_redis.aclose()
+        if self._cluster is not None:
+            await self._cluster.aclose()
 
     async def submit(self, stream: str, job_id: str, payload: str, timeout: float,
                      replay_key: str | None = None, replay_ttl_s: int = 0) -> Reply:
@@ -207,8 +200,9 @@ class QueueClient:
         """
         if self.refused is not None:
             raise SendFailure(str(self.refused), reported=True)
-        if self.health.down:  # not sent: the answer is true, and comes at once
-            raise SendFailure(f"redis at {self._address} is unreachable", reported=True)
+        health = self._health(stream)
+        if health.down:  # not sent: the answer is true, and comes at once
+            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._waiting[job_id] = future
@@ -217,16 +211,16 @@ class QueueClient:
         started = time.monotonic()
         try:
             try:
-                outcome = await self._enqueue.call(keys, [self._max_length, payload, replay_ttl_s, JOB_FIELD])
+                outcome = await self._send(keys, [self._max_length, payload, replay_ttl_s, JOB_FIELD])
             except NotQueued as failure:
-                raise self._send_failure(started, failure.cause) from None
+                raise self._send_failure(started, failure.cause, health) from None
             except MaybeQueued as failure:
-                if not self._noted(started, failure.cause):
+                if not self._noted(started, failure.cause, health):
                     log.warning("request %s may have been queued on %s (%s); awaiting its reply",
                                 job_id, stream, failure)
                 return await future
-            self.health.answered(started)
-            self.health.stored()
+            health.answered(started)
+            health.stored()
             if outcome == QUEUE_FULL:
                 raise QueueFull()
             if outcome == REPLAYED:
@@ -240,44 +234,106 @@ class QueueClient:
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    def _send_failure(self, started: float, error: BaseException) -> SendFailure:
+    def _health(self, key: str) -> RedisHealth:
+        """What we know of the Redis that holds `key`: on a cluster, its queue's primary."""
+        return self.health if self._cluster_health is None else self._cluster_health.of(key)
+
+    async def _send(self, keys: list[str], args: list[Any]) -> Any:
+        """The enqueue script's result; raises NotQueued or MaybeQueued.
+
+        On a Redis Cluster, an enqueue that was not queued because of where it went (MOVED, ASK,
+        TRYAGAIN, CLUSTERDOWN: refused before running; a primary that could not be reached) is
+        sent once more, to whoever serves the queue's slot now.
+        """
+        if self._enqueue is not None:
+            return await self._enqueue.call(keys, args)
+        try:
+            return await self._send_to_node(keys, args)
+        except NotQueued as failure:
+            if self._cluster is None or not is_relocation(failure.cause):
+                raise
+            self._cluster.lost(failure.cause)
+        return await self._send_to_node(keys, args)
+
+    async def _send_to_node(self, keys: list[str], args: list[Any]) -> Any:
+        client, batcher = await self._batcher(keys[0])
+        try:
+            return await batcher.call(keys, args)
+        except (NotQueued, MaybeQueued) as failure:
+            if is_unreachable(failure.cause):
+                self._drop_idle_connections(client)
+            raise
+
+    async def _batcher(self, key: str) -> tuple[redis.asyncio.Redis, EnqueueBatcher]:
+        """On a Redis Cluster, the client and enqueue batcher of the primary serving `key` now."""
+        assert self._cluster is not None
+        try:
+            client = await self._cluster.client_for(key)
+        except Exception as exc:  # noqa: BLE001 - the cluster cannot say where the slot is: nothing was sent
+            raise NotQueued(as_redis_error(exc, self._server)) from None
+        found = self._batchers.get(id(client))
+        if found is None or found[0] is not client:
+            found = self._batchers[id(client)] = (client, EnqueueBatcher(client, self.replica_wait))
+        return found
+
+    def _send_failure(self, started: float, error: BaseException, health: RedisHealth | None = None) -> SendFailure:
         """What a request that was not queued is told, after telling the tier what it learnt."""
         message = str(error) or type(error).__name__
-        return SendFailure(message, reported=self._noted(started, error))
+        return SendFailure(message, reported=self._noted(started, error, health))
 
-    def _noted(self, started: float, error: BaseException) -> bool:
-        """Take in what a failed Redis call (started at `started`) says about Redis; True when that
-        is now in the log (an outage, a full Redis, refused credentials), False for anything else."""
+    def _noted(self, started: float, error: BaseException, health: RedisHealth | None = None,
+               client: redis.asyncio.Redis | None = None) -> bool:
+        """Take in what a failed Redis call (started at `started`) says about Redis (`health`:
+        about the Redis it went to, on a cluster its queue's primary, through `client`); True
+        when that is now in the log (an outage, a full Redis, refused credentials), False for
+        anything else."""
+        health = health or self.health
+        error = as_redis_error(error, self._server)
         refused = refusal(error, self._server)
         if refused is not None:
             self._refuse(refused)
             return True
+        if self._cluster is not None:
+            self._cluster.lost(error)  # the next command asks the cluster where the slot is now
+            if isinstance(error, AskError):  # MOVED or ASK: served elsewhere, and followed; no outage
+                return True
         if is_out_of_memory(error):
-            self.health.out_of_memory(error)
+            health.out_of_memory(error)
             return True
         if is_unreachable(error):
-            self.health.failed(started, error)
-            self._drop_idle_connections()
+            health.failed(started, error)
+            self._drop_idle_connections(client)
             return True
         return False
 
-    def _drop_idle_connections(self) -> None:
+    def _drop_idle_connections(self, client: redis.asyncio.Redis | None = None) -> None:
         """One connection found dead: its idle siblings to the same address most likely are too
         (the host rebooted, the address moved). Closing them now makes the next requests connect
-        afresh, which fails before anything is sent, instead of writing into a dead socket."""
+        afresh, which fails before anything is sent, instead of writing into a dead socket. The
+        reader's too: a connection to a master demoted to a replica (READONLY) is alive, and
+        would otherwise keep the reader on it."""
         if self._dropping_idle:
             return
         self._dropping_idle = True
 
         async def drop() -> None:
             try:
-                await self._redis.connection_pool.disconnect(inuse_connections=False)
+                for pool in self._idle_pools(client):
+                    await pool.disconnect(inuse_connections=False)
             except Exception as exc:  # noqa: BLE001 - best effort; each connection is checked on use anyway
                 log.debug("closing idle connections failed: %s", exc)
             finally:
                 self._dropping_idle = False
 
-        _spawn(drop())
+        spawn(drop())
+
+    def _idle_pools(self, client: redis.asyncio.Redis | None) -> list[ConnectionPool]:
+        """The pools to close idle connections of: on a cluster, those to the node `client`
+        reaches (the others' nodes are fine; redis-py's cluster client minds its own)."""
+        if self._cluster is not None:
+            return [] if client is None else [other.connection_pool for other in self._cluster.same_node(client)]
+        assert isinstance(self._redis, redis.asyncio.Redis) and self._reader_redis is not None
+        return [self._redis.connection_pool, self._reader_redis.connection_pool]
 
     def _refuse(self, refused: RedisRefused) -> None:
         """Redis refuses our credentials: answer every waiting request now and stop the tier."""
@@ -291,35 +347,48 @@ class QueueClient:
         for callback in callbacks:
             callback()
 
-    async def _read_replies(self) -> None:
-        """Drain our reply lists forever. A connection that dies, even silently, ends this BLPOP
-        within READ_BLOCK_S + RedisTimeoutS; the next one is made on a fresh connection."""
+    async def _read_replies(self, index: int | None = None) -> None:
+        """Drain our reply lists forever (only queue number `index`'s: on a cluster, one reader
+        per queue). A connection that dies, even silently, ends this BLPOP within READ_BLOCK_S +
+        RedisTimeoutS; the next one is made on a fresh connection."""
+        keys = self.reply_keys if index is None else [self.reply_keys[index]]
+        health = self._health(keys[0])
         delay = RECONNECT_FIRST_S
         while not self._closing:
             started = time.monotonic()
+            reader: redis.asyncio.Redis | None = None
             try:
-                item = await self._reader_redis.blpop(self.reply_keys, timeout=READ_BLOCK_S)
-                self.health.answered(started)
+                reader = await self._reader(keys[0])
+                item = await reader.blpop(keys, timeout=READ_BLOCK_S)
+                health.answered(started)
                 delay = RECONNECT_FIRST_S
                 if item is None:
                     continue
                 self._deliver(item[1])
                 # LPOP with a count answers a list (redis-py types it as one value).
-                rest = cast("list[bytes] | None", await self._reader_redis.lpop(item[0], DRAIN_BATCH))
+                rest = cast("list[bytes] | None", await reader.lpop(item[0], DRAIN_BATCH))
                 for raw in rest or ():
                     self._deliver(raw)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever a broken connection raises, the reader lives on
+                exc = as_redis_error(exc, self._server)
                 if self.refused is not None or refusal(exc, self._server) is not None:
-                    self._noted(started, exc)
+                    self._noted(started, exc, health)
                     return
-                if self._noted(started, exc):  # an outage: logged once by the health, not per retry
+                if self._noted(started, exc, health, reader):  # an outage: logged once by the health, not per retry
                     log.debug("reading replies failed (%s); retrying in %.2fs", exc, delay)
                 else:
                     log.warning("reading replies failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _reader(self, key: str) -> redis.asyncio.Redis:
+        """The client that blocks on reply lists: on a cluster, that of the primary serving `key`."""
+        if self._cluster is not None:
+            return await self._cluster.client_for(key, blocking_s=READ_BLOCK_S)
+        assert self._reader_redis is not None
+        return self._reader_redis
 
     async def _keep_alive(self) -> None:
         """Refresh our liveness key every TIER_ALIVE_REFRESH_S, so that it expires only after we
@@ -335,6 +404,7 @@ class QueueClient:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - as in the reader: never let this task die
+                exc = as_redis_error(exc, self._server)
                 if self.refused is not None or refusal(exc, self._server) is not None:
                     self._noted(started, exc)
                     return
@@ -353,146 +423,9 @@ class QueueClient:
             future.set_result(reply)
 
 
-@dataclass
-class _Enqueue:
-    """One request's enqueue call, waiting for its batch's round trip."""
-
-    keys: list[str]
-    args: list[Any]
-    future: asyncio.Future[Any]
-    packed: list[bytes] = field(default_factory=list)
-
-    def fail(self, failure: Exception) -> None:
-        if not self.future.done():
-            self.future.set_exception(failure)
-
-    def resolve(self, result: Any) -> None:
-        if not self.future.done():
-            self.future.set_result(result)
-
-
-class EnqueueBatcher:
-    """Sends the enqueue calls of all requests that arrive in one event-loop tick as one pipeline.
-
-    Under load this is one round trip and one connection for many requests, instead of one
-    connection per concurrent request (which also runs into connection limits). It speaks to the
-    connection directly rather than through redis-py's pipeline, for two reasons: each request
-    is encoded on its own, so one that cannot be fails alone, not its whole batch; and a failure
-    is told apart by whether the commands were already written (MaybeQueued) or not (NotQueued),
-    which decides what the client may be told.
-    """
-
-    def __init__(self, client: redis.asyncio.Redis) -> None:
-        self._client = client
-        self._pool: ConnectionPool = client.connection_pool
-        self._pending: list[_Enqueue] = []
-
-    async def call(self, keys: list[str], args: list[Any]) -> Any:
-        """The script's result; raises NotQueued or MaybeQueued."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._start_flush)
-        self._pending.append(_Enqueue(keys, args, future))
-        return await future
-
-    def _start_flush(self) -> None:
-        batch, self._pending = self._pending, []
-        _spawn(self._flush(batch))
-
-    async def _flush(self, batch: list[_Enqueue]) -> None:
-        try:
-            unanswered = await self._round_trip(batch)
-            if unanswered:
-                # Redis lost the script (restarted, SCRIPT FLUSH): load it and send those again;
-                # NOSCRIPT means they did not run.
-                await self._client.script_load(ENQUEUE_SCRIPT)
-                for item in await self._round_trip(unanswered):
-                    item.fail(NotQueued(NoScriptError("NOSCRIPT after loading the enqueue script")))
-        except asyncio.CancelledError:
-            for item in batch:
-                item.fail(MaybeQueued(ConnectionError("the HTTP tier is stopping")))
-            raise
-        except Exception as exc:  # noqa: BLE001 - loading the script failed: nothing left was sent
-            for item in batch:
-                item.fail(NotQueued(exc))
-
-    async def _round_trip(self, batch: list[_Enqueue]) -> list[_Enqueue]:
-        """Send `batch` on one connection and settle each item; returns those Redis answered
-        NOSCRIPT (not run, to be sent again once the script is loaded)."""
-        try:
-            connection = await _get_connection(self._pool)
-        except Exception as exc:  # noqa: BLE001 - no connection: nothing was sent
-            for item in batch:
-                item.fail(NotQueued(exc))
-            return []
-        try:
-            return await self._exchange(connection, batch)
-        finally:
-            await self._pool.release(connection)
-
-    async def _exchange(self, connection: AbstractConnection, batch: list[_Enqueue]) -> list[_Enqueue]:
-        sendable = []
-        for item in batch:
-            try:
-                item.packed = connection.pack_command("EVALSHA", ENQUEUE_SHA, len(item.keys), *item.keys, *item.args)
-            except Exception as exc:  # noqa: BLE001 - e.g. text no UTF-8 encoder takes: this request only
-                item.fail(NotQueued(exc))
-            else:
-                sendable.append(item)
-        if not sendable:
-            return []
-        try:
-            await connection.check_health()  # a PING if the connection was idle: fails before we write
-        except Exception as exc:  # noqa: BLE001
-            for item in sendable:
-                item.fail(NotQueued(exc))
-            return []
-        try:
-            await connection.send_packed_command([chunk for item in sendable for chunk in item.packed],
-                                                 check_health=False)
-        except Exception as exc:  # noqa: BLE001 - written in part, perhaps: Redis may run them
-            for item in sendable:
-                item.fail(MaybeQueued(exc))
-            return []
-        no_script = []
-        for index, item in enumerate(sendable):
-            try:
-                result = await connection.read_response()
-            except NoScriptError:
-                no_script.append(item)
-                continue
-            except ResponseError as exc:  # Redis refused this one (full, NOPERM, ...): it did not run
-                item.fail(NotQueued(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - the answers stopped coming: these may have run
-                for rest in sendable[index:]:
-                    rest.fail(MaybeQueued(exc))
-                return no_script
-            item.resolve(result)
-        return no_script
-
-
-# redis-py 5.3 and later take no argument here (and warn when given one); earlier ones need a name.
-_NAMELESS_GET_CONNECTION = inspect.signature(ConnectionPool.get_connection).parameters.get(
-    "command_name", inspect.Parameter("command_name", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-).default is not inspect.Parameter.empty
-
-
-async def _get_connection(pool: ConnectionPool) -> AbstractConnection:
-    if _NAMELESS_GET_CONNECTION:
-        return await pool.get_connection()
-    return await pool.get_connection("EVALSHA")  # type: ignore[call-arg,unused-ignore]
-
-
-# Tasks the loop only references weakly: kept here until they finish.
-_RUNNING: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.get_running_loop().create_task(coroutine)
-    _RUNNING.add(task)
-    task.add_done_callback(_RUNNING.discard)
+def _one_redis(client: redis.asyncio.Redis | object) -> redis.asyncio.Redis:
+    assert isinstance(client, redis.asyncio.Redis)
+    return client
 
 
 def _expire(future: asyncio.Future[Reply]) -> None:

@@ -14,10 +14,12 @@ import asyncio
 import logging
 import time
 
+from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, InvalidResponse, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from goinfer.cluster_clients import hash_tag
 from goinfer.connections import is_refusal
 
 log = logging.getLogger("goinfer.http.redis")
@@ -29,12 +31,22 @@ def is_unreachable(error: BaseException) -> bool:
 
     uvloop raises RuntimeError for a write on a transport that a reset has just closed, and a
     reset mid-answer can leave redis-py an unparseable reply (InvalidResponse): both are a broken
-    connection, not a bug to report with a traceback.
+    connection, not a bug to report with a traceback. READONLY comes from a master a failover
+    demoted to a replica: the master is elsewhere now, and a fresh connection finds it (through
+    the sentinels, or wherever the address now leads), so the connections are dropped as for an
+    outage; the command did not run. UNBLOCKED is what the demotion answers a blocked read (BLPOP).
+
+    On a Redis Cluster, TRYAGAIN (the slot's keys are being moved) and CLUSTERDOWN (a primary
+    failed and its replica is not elected yet) are answered before anything runs, and pass once
+    the cluster settles: an outage of that queue's primary. (MOVED and ASK are no outage: the
+    slot is served elsewhere, and the caller follows it; goinfer/cluster_clients.py.)
     """
     if is_refusal(error):
         return False
-    return isinstance(error, (RedisConnectionError, RedisTimeoutError, InvalidResponse, OSError,
-                              asyncio.TimeoutError, RuntimeError))
+    if isinstance(error, ResponseError) and str(error).startswith("UNBLOCKED"):
+        return True
+    return isinstance(error, (RedisConnectionError, RedisTimeoutError, InvalidResponse, ReadOnlyError, OSError,
+                              asyncio.TimeoutError, RuntimeError, TryAgainError, ClusterDownError))
 
 
 class RedisHealth:
@@ -51,6 +63,10 @@ class RedisHealth:
         self._down = False
         self._changed_at = float("-inf")
         self._full = False
+
+    @property
+    def address(self) -> str:
+        return self._address
 
     @property
     def down(self) -> bool:
@@ -92,3 +108,26 @@ class RedisHealth:
         if self._full:
             self._full = False
             log.info("redis at %s has room again", self._address)
+
+
+class ClusterHealth(RedisHealth):
+    """On a Redis Cluster: the health of the node our own liveness key lives on (this object's
+    own state, fed by the calls on keys of no queue) and, apart, that of each queue's primary
+    (`of`), logged with the queue's hash tag. A primary that dies fails only the requests to its
+    queues; the process counts as down (readiness) while any of them is."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self._queues: dict[int, RedisHealth] = {}
+
+    def of(self, key: str) -> RedisHealth:
+        """The health of the primary serving `key`'s slot (every key of one queue shares it)."""
+        slot = key_slot(key.encode("utf-8", "surrogatepass"))
+        found = self._queues.get(slot)
+        if found is None:
+            found = self._queues[slot] = RedisHealth(f"{self._address} for {hash_tag(key)}")
+        return found
+
+    @property
+    def down(self) -> bool:
+        return self._down or any(queue.down for queue in self._queues.values())
