@@ -33,13 +33,19 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
-    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from goinfer.connections import ClusterRefused, async_cluster_node_client, cluster_map, cluster_node_client, is_refusal
+from goinfer.connections import (
+    ClusterRefused,
+    async_cluster_node_client,
+    cluster_map,
+    cluster_node_client,
+    is_refusal,
+    is_unblocked,
+)
 from goinfer.redis_address import describe_redis
 from goinfer.settings import ServerSettings
 
@@ -59,7 +65,7 @@ def is_relocation(error: BaseException) -> bool:
     is what a primary demoted to a replica answers a blocked read)."""
     if is_refusal(error):
         return False
-    return isinstance(error, _RELOCATING) or (isinstance(error, ResponseError) and str(error).startswith("UNBLOCKED"))
+    return isinstance(error, _RELOCATING) or is_unblocked(error)
 
 
 def as_redis_error(error: _E, server: ServerSettings) -> _E | RedisError:

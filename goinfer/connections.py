@@ -181,6 +181,12 @@ def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, _REFUSALS)
 
 
+def is_unblocked(exc: BaseException) -> bool:
+    """Whether `exc` is Redis releasing a blocked read (BLPOP) because a failover demoted the
+    master it waited on to a replica (UNBLOCKED): the read did nothing, the master is elsewhere."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is Redis at `maxmemory` refusing a command that needs memory (OOM).
 

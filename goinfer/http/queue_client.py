@@ -94,10 +94,10 @@ class QueueClient:
         self._redis = async_client(server)  # on a Redis Cluster, for the keys of no queue (our liveness key)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.replica_wait = (ReplicaWait(describe_redis(server), server.enqueue_replicas,
+        self._address = describe_redis(server)
+        self.replica_wait = (ReplicaWait(self._address, server.enqueue_replicas,
                                          server.enqueue_replicas_timeout_ms) if server.enqueue_replicas else None)
         self._max_length = str(server.max_queue_length)
-        self._address = describe_redis(server)
         # On one Redis, one enqueue batcher and one reader for every queue; on a Redis Cluster,
         # each queue's enqueues and reply reads go to the primary serving its slot, one batcher
         # per primary and one reader per queue (BLPOP cannot span slots), and each queue's

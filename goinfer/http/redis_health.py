@@ -15,12 +15,12 @@ import logging
 import time
 
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, InvalidResponse, ReadOnlyError, ResponseError, TryAgainError
+from redis.exceptions import ClusterDownError, InvalidResponse, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from goinfer.cluster_clients import hash_tag
-from goinfer.connections import is_refusal
+from goinfer.connections import is_refusal, is_unblocked
 
 log = logging.getLogger("goinfer.http.redis")
 
@@ -43,7 +43,7 @@ def is_unreachable(error: BaseException) -> bool:
     """
     if is_refusal(error):
         return False
-    if isinstance(error, ResponseError) and str(error).startswith("UNBLOCKED"):
+    if is_unblocked(error):
         return True
     return isinstance(error, (RedisConnectionError, RedisTimeoutError, InvalidResponse, ReadOnlyError, OSError,
                               asyncio.TimeoutError, RuntimeError, TryAgainError, ClusterDownError))
