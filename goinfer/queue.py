@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 CONSUMER_GROUP = "goinfer"
@@ -38,6 +38,14 @@ DISPATCHERS_TAG = "{dispatchers}"
 DISPATCHER_KEY_PREFIX = f"goinfer:{DISPATCHERS_TAG}:"
 DISPATCHERS_SET = f"goinfer:{DISPATCHERS_TAG}"
 HEARTBEAT_TTL_INTERVALS = 3
+
+# `goinfer reload` increments this counter; every dispatcher polls it (Server.ModelPollS) and,
+# when it has changed since it last looked, rolls its workers over to fresh processes (new model
+# code, the version folders read again). Same hash tag as the heartbeats: one primary holds them.
+RELOAD_KEY = f"goinfer:reload:{DISPATCHERS_TAG}"
+
+# The shared level of the result cache: one string per answer, with the model's CacheTTLS.
+RESULT_CACHE_PREFIX = "goinfer:cache:"
 
 # Cluster-wide counters per stream, a hash incremented by workers in the pipeline that
 # acknowledges the entries concerned, so every HTTP tier can show the totals.
@@ -82,6 +90,28 @@ def replay_target(app_id: str, sign_data: str, queue_amount: int) -> tuple[int, 
 def dispatcher_key(host: str, pid: int) -> str:
     """The heartbeat key of one dispatcher (supervisor process)."""
     return f"{DISPATCHER_KEY_PREFIX}{host}:{pid}"
+
+
+def model_revision(version: int | None, code_digest: str) -> str:
+    """What computed an answer: the version folder's number ("-" without ModelBasePath) and a
+    digest of the model's source file, so that a reload of new code is a new revision too."""
+    return f"{'-' if version is None else version}:{code_digest}"
+
+
+def revision_version(revision: str | None) -> str | None:
+    """The version number of a revision, as the X-Goinfer-Model-Version header shows it; None
+    for a model served without versions (or an answer from an older worker)."""
+    if not revision:
+        return None
+    number = revision.split(":", 1)[0]
+    return number if number.isdigit() else None
+
+
+def result_cache_key(api: str, revision: str, cache_key: str) -> str:
+    """The shared cache's key for the answer of `api` at `revision` to params whose Model.cache_key
+    is `cache_key`: hashed, so that hostile params never make a long or odd key."""
+    digest = hashlib.sha256(cache_key.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{RESULT_CACHE_PREFIX}{api}:{revision}:{digest}"
 
 
 def heartbeat_ttl_s(interval_s: float) -> int:
@@ -197,6 +227,7 @@ class Reply:
     data: dict[str, Any] | None = None
     queued_ms: float | None = None
     infer_ms: float | None = None
+    revision: str | None = None  # model_revision() of the model that computed it
 
     def encode(self) -> str:
         """Strict JSON in valid UTF-8; ValueError for `data` that cannot be that.
@@ -212,6 +243,8 @@ class Reply:
             body["queued_ms"] = round(self.queued_ms, 3)
         if self.infer_ms is not None:
             body["infer_ms"] = round(self.infer_ms, 3)
+        if self.revision is not None:
+            body["rev"] = self.revision
         return _dumps(body, "the result", default=_plain_json)
 
     @classmethod
@@ -224,6 +257,7 @@ class Reply:
             data=fields.get("data"),
             queued_ms=_optional_ms(fields.get("queued_ms")),
             infer_ms=_optional_ms(fields.get("infer_ms")),
+            revision=fields["rev"] if isinstance(fields.get("rev"), str) else None,
         )
 
 
@@ -296,6 +330,10 @@ def _plain_json(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+STATE_LOADING = "loading"
+STATE_SERVING = "serving"
+
+
 @dataclass(frozen=True)
 class DispatcherHeartbeat:
     """What a dispatcher says about itself in its heartbeat key (`dispatcher_key`), as JSON.
@@ -319,6 +357,18 @@ class DispatcherHeartbeat:
     started_at: float = 0.0
     heartbeat_at: float = 0.0
     heartbeat_interval_s: float = 0.0
+    # "loading" from the dispatcher's start until all its first workers have loaded their models
+    # (live_workers of max_workers so far, for loading_s seconds), then "serving" for good: a
+    # dispatcher that is loading is not counted by /ready, but is told apart from one absent.
+    state: str = STATE_SERVING
+    loading_s: float = 0.0
+    # Per api path, the model_revision() that new workers serve (set when the first worker on it
+    # is ready) and when the last one changed: the result cache keys answers by it.
+    revisions: dict[str, str] = field(default_factory=dict)
+    revision_at: float = 0.0
+    devices: tuple[str, ...] = ()  # per worker slot, the device it runs on ("cpu", "0", ...); () when not placed
+    rollout: str = ""  # what a version rollover is doing now, for people
+    reload_error: str = ""  # why the last new version or reload was refused ("" when none was)
 
     @property
     def name(self) -> str:
@@ -327,12 +377,16 @@ class DispatcherHeartbeat:
 
     @property
     def serving(self) -> bool:
-        """At least one worker can take requests now."""
-        return self.live_workers >= 1
+        """Done loading, and at least one worker can take requests now."""
+        return self.state != STATE_LOADING and self.live_workers >= 1
+
+    @property
+    def loading(self) -> bool:
+        return self.state == STATE_LOADING
 
     def as_json(self) -> dict[str, Any]:
         body = asdict(self)
-        for name in ("streams", "apis", "models"):
+        for name in _HEARTBEAT_LISTS:
             body[name] = list(body[name])
         return body
 
@@ -358,17 +412,23 @@ class DispatcherHeartbeat:
         return cls(**values)
 
 
+_HEARTBEAT_LISTS = ("streams", "apis", "models", "devices")
 _HEARTBEAT_TYPES: dict[str, type | tuple[type, ...]] = {
     "host": str, "pid": int, "queue_index": int, "max_workers": int, "live_workers": int, "restarts": int,
     "metrics_port": int, "version": str, "started_at": (int, float), "heartbeat_at": (int, float),
-    "heartbeat_interval_s": (int, float),
+    "heartbeat_interval_s": (int, float), "state": str, "loading_s": (int, float), "revision_at": (int, float),
+    "rollout": str, "reload_error": str,
 }
 
 
 def _heartbeat_field(name: str, value: Any) -> Any:
-    if name in ("streams", "apis", "models"):
+    if name in _HEARTBEAT_LISTS:
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
+        return None
+    if name == "revisions":
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return dict(value)
         return None
     expected = _HEARTBEAT_TYPES[name]
     if isinstance(value, bool) or not isinstance(value, expected):

@@ -123,6 +123,12 @@ class ServerSettings:
     # crash-looping model fails loudly to systemd or Kubernetes instead of restarting forever.
     worker_restart_limit: int = 5
     worker_restart_window_s: float = 60.0
+    # How often a dispatcher looks for a new version under each model's ModelBasePath and for a
+    # `goinfer reload`; 0: only on SIGHUP. A new version is rolled out one worker at a time.
+    model_poll_s: float = 2.0
+    # Where workers run: () leaves the environment as it is; ("cpu",) hides every GPU; ("0", "1")
+    # spreads workers over those GPUs, each worker seeing only its own (CUDA_VISIBLE_DEVICES).
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,11 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     err_code: Mapping[str, ErrorCode] = field(default_factory=lambda: dict(DEFAULT_ERROR_CODES))
     customer: Mapping[str, Any] = field(default_factory=dict)
+    # What each process is told to serve: "package.module:Class", or "package.module:Class@/api/path"
+    # for a class served under a path the settings give it (one class, several model files).
     models: tuple[str, ...] = ()
+    # The per-model settings of the `Models:` entries written as mappings, by their `target`.
+    model_configs: tuple[ModelConfig, ...] = ()
     # Unknown keys and GOINFER_ variables: ignored, as go-infer ignores unknown keys, but kept so
     # that the tiers log them and `goinfer check` fails on them (a typo silently loses a setting).
     warnings: tuple[str, ...] = ()
@@ -144,6 +154,44 @@ class Settings:
     def error(self, name: str) -> ErrorCode:
         """The code and message configured for one of the `ErrCode` names."""
         return self.err_code[name]
+
+    def model_config(self, target: str) -> ModelConfig | None:
+        """The settings of the model served as `target` (see `models`); None for a plain entry."""
+        return next((config for config in self.model_configs if config.target == target), None)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A model's result cache (`Cache:` of its `Models:` entry); both levels off by default."""
+
+    size: int = 0  # answers kept in each HTTP process (LRU); 0: no in-process level
+    ttl_s: float = 0.0  # how long an answer is kept in Redis for every tier; 0: no shared level
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 or self.ttl_s > 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One `Models:` entry written as a mapping: a class and how it is served.
+
+    Only `Class` is required. `options` holds the entry's other keys, for the class to read
+    (`self.config.options`): a model served from files without code is configured there.
+    """
+
+    cls: str  # "package.module:Class"
+    api_path: str | None = None  # serve the class under this path instead of its own api_path
+    base_path: str | None = None  # TF Serving's layout: <base>/<version number>/
+    version: int | None = None  # pinned; None serves the highest number under base_path
+    warmup: tuple[dict[str, Any], ...] = ()  # params each worker runs through the model before serving
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """How processes name this model to each other (Settings.models)."""
+        return f"{self.cls}@{self.api_path}" if self.api_path else self.cls
 
 
 # --- value checks -------------------------------------------------------------------------------
@@ -230,12 +278,102 @@ def _string_list(value: Any) -> tuple[str, ...]:
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-def _model_paths(value: Any) -> tuple[str, ...]:
-    paths = _string_list(value)
-    for path in paths:
-        if not _IMPORT_PATH.match(path):
-            raise _Bad(f"expected 'package.module:ClassName', got {path!r}")
-    return paths
+def _devices(value: Any) -> tuple[str, ...]:
+    """`Devices: cpu`, `Devices: [0, 1]`, `Devices: 0` or `Devices: "0,1"`: device names as text."""
+    if value is None or value == []:
+        return ()
+    items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
+    devices: list[str] = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if isinstance(text, str) and text.lower() == "cpu":
+            devices.append("cpu")
+        elif isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+            devices.append(str(text))
+        elif isinstance(text, str) and text.isdigit():
+            devices.append(str(int(text)))
+        else:
+            raise _Bad("expected \"cpu\" or a list of GPU numbers such as [0, 1], got", value)
+    if "cpu" in devices and len(devices) > 1:
+        raise _Bad("\"cpu\" cannot be listed with GPUs: got", value)
+    return tuple(devices)
+
+
+_MODEL_KEYS = ("Class", "ApiPath", "ModelBasePath", "ModelVersion", "Warmup", "Cache")
+_CACHE_KEYS: dict[str, tuple[str, Check]] = {"Size": ("size", _int(0)), "TTLS": ("ttl_s", _number())}
+
+
+def _model_entries(value: Any) -> tuple[tuple[str, ...], tuple[ModelConfig, ...]]:
+    """`Models:`: import paths, or mappings with a `Class:` and how it is served."""
+    if value is None:
+        return (), ()
+    if not isinstance(value, list):
+        raise _Bad("expected a list of 'package.module:ClassName' or of mappings with a Class, got", value)
+    targets: list[str] = []
+    configs: list[ModelConfig] = []
+    for item in value:
+        if isinstance(item, dict):
+            config = _model_config(item)
+            configs.append(config)
+            target = config.target
+        else:
+            target = _import_path(_string(item))
+        if target in targets:
+            raise _Bad(f"{target!r} is listed twice")
+        targets.append(target)
+    return tuple(targets), tuple(configs)
+
+
+def _import_path(path: str) -> str:
+    if not _IMPORT_PATH.match(path):
+        raise _Bad(f"expected 'package.module:ClassName', got {path!r}")
+    return path
+
+
+def _model_config(raw: dict) -> ModelConfig:
+    raw = {str(k): v for k, v in raw.items()}
+    if raw.get("Class") is None:
+        raise _Bad(f"a mapping entry needs Class: 'package.module:ClassName'; got the keys {sorted(raw)}")
+    cls = _import_path(_string(raw["Class"]))
+    where = f"{cls}: "
+    api_path = raw.get("ApiPath")
+    if api_path is not None:
+        api_path = _string(api_path)
+        if not api_path.startswith("/"):
+            raise _Bad(f"{where}ApiPath must start with '/', got {api_path!r}")
+    base = raw.get("ModelBasePath")
+    version = raw.get("ModelVersion")
+    if version is not None:
+        version = _nested(where, "ModelVersion", _int(0), version)
+        if base is None:
+            raise _Bad(f"{where}ModelVersion pins a version of ModelBasePath, which is not set")
+    warmup = raw.get("Warmup") or []
+    if not isinstance(warmup, list) or not all(isinstance(params, dict) for params in warmup):
+        raise _Bad(f"{where}Warmup must be a list of params mappings, got", warmup)
+    cache_raw = raw.get("Cache") or {}
+    if not isinstance(cache_raw, dict):
+        raise _Bad(f"{where}Cache must be a mapping with Size and TTLS, got", cache_raw)
+    unknown = sorted(set(map(str, cache_raw)) - set(_CACHE_KEYS))
+    if unknown:
+        raise _Bad(f"{where}Cache has no key {unknown[0]!r} (it takes Size and TTLS)")
+    cache = CacheSettings(**{attr: _nested(where, f"Cache.{key}", check, cache_raw[key])
+                             for key, (attr, check) in _CACHE_KEYS.items() if cache_raw.get(key) is not None})
+    return ModelConfig(
+        cls=cls,
+        api_path=api_path,
+        base_path=None if base is None else _string(base),
+        version=version,
+        warmup=tuple(dict(params) for params in warmup),
+        cache=cache,
+        options={key: value for key, value in raw.items() if key not in _MODEL_KEYS},
+    )
+
+
+def _nested(where: str, key: str, check: Check, value: Any) -> Any:
+    try:
+        return check(value)
+    except _Bad as exc:
+        raise _Bad(f"{where}{key} {exc.text(False)}") from None
 
 
 def _kind(value: Any) -> str:
@@ -299,6 +437,8 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "HeartbeatIntervalS": ("heartbeat_interval_s", _number(positive=True)),
     "WorkerRestartLimit": ("worker_restart_limit", _int(0)),
     "WorkerRestartWindowS": ("worker_restart_window_s", _number(positive=True)),
+    "ModelPollS": ("model_poll_s", _number()),
+    "Devices": ("devices", _devices),
 }
 
 _SECTIONS = ("API", "Server", "ErrCode", "Customer", "Models")
@@ -347,13 +487,15 @@ def parse_settings(text: bytes | str, path: str = "<settings>", environ: Mapping
     if not server.queue_name:
         raise SettingsError(path, "Server.QueueName", "must not be empty")
     _check_redis_address(path, server)
+    models, model_configs = _value(path, "Models", _model_entries, document.get("Models"))
     return Settings(
         path=path,
         api=api,
         server=server,
         err_code=_error_codes(path, document.get("ErrCode")),
         customer=_customer(path, document.get("Customer")),
-        models=_value(path, "Models", _model_paths, document.get("Models")),
+        models=models,
+        model_configs=model_configs,
         warnings=tuple(warnings),
         environment=tuple(applied),
     )
@@ -474,7 +616,8 @@ def _env_suggestion(name: str, known: list[str], prefix: str, suffix: str = "") 
     return f"; did you mean {prefix}{close[0]}{suffix}?" if close else ""
 
 
-_TEXT_COLLECTIONS = (_string_map, _string_list, _model_paths)
+# Models' entries are typed as YAML types them: their mappings hold numbers (ModelVersion, Cache).
+_TEXT_COLLECTIONS = (_string_map, _string_list)
 
 
 def _typed(env: _FromEnv, key: str, check: Check) -> Any:
@@ -486,7 +629,7 @@ def _typed(env: _FromEnv, key: str, check: Check) -> Any:
     """
     if check is _string:
         return env.text
-    if check in (_string_list, _model_paths) and not env.text.lstrip().startswith(("[", "-")):
+    if check in (_string_list, _model_entries) and not env.text.lstrip().startswith(("[", "-")):
         return [item.strip() for item in env.text.split(",") if item.strip()]
     loader = yaml.BaseLoader if check in _TEXT_COLLECTIONS else yaml.SafeLoader
     return _yaml_value(env, key, loader)

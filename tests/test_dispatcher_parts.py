@@ -66,11 +66,22 @@ def test_reply_round_trip():
 def test_heartbeat_round_trip_keeps_the_field_names_readers_use():
     beat = DispatcherHeartbeat(host="h", pid=7, queue_index=1, streams=("q1", "c1"), apis=("/api/echo",),
                                models=("m:E",), max_workers=2, live_workers=1, restarts=3, metrics_port=9101,
-                               version="1.0", started_at=1.5, heartbeat_at=2.5, heartbeat_interval_s=5.0)
+                               version="1.0", started_at=1.5, heartbeat_at=2.5, heartbeat_interval_s=5.0,
+                               state="loading", loading_s=6.1, revisions={"/api/echo": "2:abc"}, revision_at=3.5,
+                               devices=("0", "1"), rollout="rolling to 2", reload_error="version 3: init failed")
     assert DispatcherHeartbeat.decode(beat.encode()) == beat
     assert set(json.loads(beat.encode())) == {
         "host", "pid", "queue_index", "streams", "apis", "models", "max_workers", "live_workers", "restarts",
-        "metrics_port", "version", "started_at", "heartbeat_at", "heartbeat_interval_s"}
+        "metrics_port", "version", "started_at", "heartbeat_at", "heartbeat_interval_s", "state", "loading_s",
+        "revisions", "revision_at", "devices", "rollout", "reload_error"}
+
+
+def test_a_heartbeat_without_the_loading_fields_is_a_serving_one():
+    """Heartbeats of dispatchers from before loading states count as serving, as they did."""
+    old = DispatcherHeartbeat.decode(b'{"host":"h","pid":1,"live_workers":1,"revisions":{"/a":3}}')
+    assert old is not None and old.serving and old.revisions == {}
+    loading = DispatcherHeartbeat(live_workers=1, max_workers=2, state="loading")
+    assert loading.loading and not loading.serving
 
 
 HOSTILE = [

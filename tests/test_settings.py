@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -189,3 +190,45 @@ def test_shipped_settings_show_every_default():
     for key in ("HttpWorkers", "BatchSize", "MaxQueueLength", "ClaimIdleMs", "MaxDeliveries", "RejectReplay",
                 "ShutdownDrainS", "ShutdownGraceS", "BodyReadTimeoutS", "DeadLetterMaxLength", "MetricsPort"):
         assert f"    {key}:" in text, key
+
+
+def test_model_entries_as_mappings_carry_how_each_model_is_served():
+    settings = parse_settings(textwrap.dedent("""
+        Models:
+          - goinfer.models.echo:Echo
+          - Class: goinfer.models.tensorflow:SavedModel
+            ApiPath: /api/tiny
+            ModelBasePath: models/tiny
+            ModelVersion: 3
+            Warmup: [{x: [1, 2]}]
+            Cache: {Size: 100, TTLS: 60}
+            Signature: serving_default
+    """))
+    assert settings.models == ("goinfer.models.echo:Echo", "goinfer.models.tensorflow:SavedModel@/api/tiny")
+    config = settings.model_config("goinfer.models.tensorflow:SavedModel@/api/tiny")
+    assert config is not None and settings.model_config("goinfer.models.echo:Echo") is None
+    assert (config.base_path, config.version, config.warmup) == ("models/tiny", 3, ({"x": [1, 2]},))
+    assert (config.cache.size, config.cache.ttl_s, config.cache.enabled) == (100, 60.0, True)
+    assert config.options == {"Signature": "serving_default"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Models: [{ApiPath: /x}]", "a mapping entry needs Class"),
+    ("Models: [{Class: a:B, ModelVersion: 2}]", "ModelVersion pins a version of ModelBasePath, which is not set"),
+    ("Models: [{Class: a:B, ModelBasePath: m, ModelVersion: -1}]", "ModelVersion must be at least 0"),
+    ("Models: [{Class: a:B, Cache: {Sizes: 1}}]", "Cache has no key 'Sizes'"),
+    ("Models: [{Class: a:B, ApiPath: x}]", "ApiPath must start with '/'"),
+    ("Models: [{Class: a:B, Warmup: {x: 1}}]", "Warmup must be a list of params mappings"),
+    ("Models: [a:B, {Class: a:B}]", "'a:B' is listed twice"),
+    ("Server: {Devices: [cpu, 1]}", "\"cpu\" cannot be listed with GPUs"),
+    ("Server: {Devices: [gpu0]}", "expected \"cpu\" or a list of GPU numbers"),
+])
+def test_bad_model_entries_and_devices_are_named(text, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        parse_settings(text)
+
+
+@pytest.mark.parametrize("value, devices", [("cpu", ("cpu",)), ("[0, 1]", ("0", "1")), ("1", ("1",)),
+                                            ('"0,2"', ("0", "2")), ("[]", ())])
+def test_devices_spellings(value, devices):
+    assert parse_settings(f"Server: {{Devices: {value}}}").server.devices == devices

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
-from typing import Any, ClassVar
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from goinfer.settings import ModelConfig
 
 NOAPI_PREFIX = "__noapi__"
 
@@ -34,6 +38,15 @@ class Model(abc.ABC):
     `max_infer_seconds` overrides Server.MaxInferSeconds for this model: one call of `infer` (or
     `infer_batch`) running longer is stuck, its worker is stopped and its requests are answered
     InferFail. A call that is merely slow, within it, runs once, however long it holds the GIL.
+
+    Versions: a `Models:` entry with `ModelBasePath` (TF Serving's `<base>/<number>/` folders)
+    gives every worker `self.version` and `self.version_path`, the folder `init` loads, before
+    `init` runs; the dispatcher rolls its workers over to a newer folder when one appears.
+    `self.config` is that entry (its other keys in `self.config.options`), None for a plain one.
+
+    Warm-up: `warmup()` runs in every worker after `init` and before it takes a request, so the
+    first client does not pay for lazy loading (graph tracing, kernel selection). By default it
+    runs `warmup_params` and the entry's `Warmup:` params through `infer_batch` (or `infer`).
     """
 
     api_path: ClassVar[str]
@@ -41,8 +54,12 @@ class Model(abc.ABC):
     batch_size: ClassVar[int | None] = None
     batch_timeout_ms: ClassVar[float | None] = None
     max_infer_seconds: ClassVar[float | None] = None
+    warmup_params: ClassVar[Sequence[dict[str, Any]]] = ()
 
     settings: Any = None
+    config: ModelConfig | None = None
+    version: int | None = None
+    version_path: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,3 +105,27 @@ class Model(abc.ABC):
     @abc.abstractmethod
     def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
         """Run the model in a worker process; the returned dict is the response's `data`."""
+
+    def warmup(self) -> None:
+        """Run sample requests before serving; an exception here fails the worker's start like `init`."""
+        samples = [dict(params) for params in (*self.warmup_params, *(self.config.warmup if self.config else ()))]
+        if not samples:
+            return
+        if self.supports_batching():
+            results = self.infer_batch([(f"warmup-{i}", params) for i, params in enumerate(samples)])  # type: ignore[attr-defined]
+            failed = [result for result in results if isinstance(result, BaseException)]
+            if failed:
+                raise failed[0]
+            return
+        for i, params in enumerate(samples):
+            self.infer(f"warmup-{i}", params)
+
+    def cache_key(self, params: dict[str, Any]) -> str | None:
+        """The text that identifies `params` (what `api_entry` returned) in the result cache.
+
+        Two requests with the same key get the same answer from the cache, for as long as this
+        model's version and code stay the same. Override it to make near-equal requests share
+        an answer (round floats, drop a field the model ignores), or return None to never cache
+        this request.
+        """
+        return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -6,26 +6,50 @@ so a spawned worker imports exactly what its parent named and nothing runs twice
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from goinfer.models.base import NOAPI_PREFIX, Model
+from goinfer.models.versions import ServedVersion
 
 
 class ModelError(Exception):
     """A model class that cannot be served; the message names the class and what is wrong."""
 
 
+# Set on the class `import_model` makes for "package.module:Class@/api/path": how to name it again.
+TARGET_ATTRIBUTE = "goinfer_target"
+
+
 def import_path_of(cls: type) -> str:
-    """The "module:QualName" path a spawned process can import the class from."""
-    return f"{cls.__module__}:{cls.__qualname__}"
+    """The "module:QualName" path (or "module:QualName@/api/path" target) a spawned process can
+    import the class from."""
+    target = cls.__dict__.get(TARGET_ATTRIBUTE)
+    return target if isinstance(target, str) else f"{cls.__module__}:{cls.__qualname__}"
 
 
-def import_model(path: str) -> type[Model]:
-    """Import "package.module:Class", checking that it is a servable Model."""
+def import_model(target: str) -> type[Model]:
+    """Import "package.module:Class", checking that it is a servable Model.
+
+    "package.module:Class@/api/path" serves the class under that path: a subclass is made for
+    it, so one class (a model served from files) can be listed several times with its own files.
+    """
+    path, at, api_path = target.partition("@")
+    found = _import_object(path)
+    if not at:
+        return check_model_class(found, path)
+    if not (inspect.isclass(found) and issubclass(found, Model)):
+        raise ModelError(f"{path}: not a subclass of goinfer.Model")
+    served = type(found.__name__, (found,), {"api_path": api_path, TARGET_ATTRIBUTE: target,
+                                             "__module__": found.__module__, "__qualname__": found.__qualname__})
+    return check_model_class(served, target)
+
+
+def _import_object(path: str) -> object:
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
         raise ModelError(f"{path!r}: expected 'package.module:ClassName'")
@@ -40,7 +64,7 @@ def import_model(path: str) -> type[Model]:
             target = getattr(target, part)
         except AttributeError:
             raise ModelError(f"{path!r}: module {module_name!r} has no {qualname!r}") from None
-    return check_model_class(target, path)
+    return target
 
 
 def _import_from_working_directory() -> None:
@@ -134,7 +158,7 @@ class ModelRegistry:
     def add(self, cls: type) -> type[Model]:
         model = check_model_class(cls)
         existing = self._classes.get(model.api_path)
-        if existing is not None and existing is not model:
+        if existing is not None and existing is not model and import_path_of(existing) != import_path_of(model):
             raise ModelError(
                 f"models {existing.__qualname__} and {model.__qualname__} share api_path {model.api_path!r}"
             )
@@ -181,11 +205,33 @@ def resolve_models(model_paths: Iterable[str], registry: ModelRegistry | None = 
     return resolved
 
 
-def instantiate(classes: Iterable[type[Model]], settings: object) -> dict[str, Model]:
-    """One instance per model, keyed by api path, with the settings attached."""
+def instantiate(classes: Iterable[type[Model]], settings: object,
+                versions: Mapping[str, ServedVersion] | None = None) -> dict[str, Model]:
+    """One instance per model, keyed by api path, with the settings, its `Models:` entry and (in a
+    worker) the version it serves attached, as `init` expects them."""
     instances: dict[str, Model] = {}
     for cls in classes:
         model = cls()
         model.settings = settings
+        target = import_path_of(cls)
+        model_config = getattr(settings, "model_config", None)
+        model.config = model_config(target) if callable(model_config) else None
+        served = (versions or {}).get(target)
+        if served is not None:
+            model.version, model.version_path = served.number, served.path
         instances[cls.api_path] = model
     return instances
+
+
+def code_digest(cls: type) -> str:
+    """A short digest of the file that defines `cls` (of the class a target subclasses): a new
+    `.py` after `goinfer reload` is a new model revision, so the result cache never serves an
+    answer of the old code. "" when the source cannot be read (a built-in or frozen module)."""
+    try:
+        source = inspect.getsourcefile(cls)
+        if source is None:
+            return ""
+        with open(source, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()[:12]
+    except (OSError, TypeError):
+        return ""
