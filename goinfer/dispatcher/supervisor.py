@@ -45,13 +45,15 @@ from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe,
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
 from goinfer.dispatcher.worker import EXIT_REDIS_REFUSED, worker_process_main
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
-from goinfer.queue import DispatcherHeartbeat, Job, Reply, dispatcher_key, queue_tag
+from goinfer.queue import STATE_LOADING, STATE_SERVING, DispatcherHeartbeat, Job, Reply, dispatcher_key, queue_tag
 from goinfer.redis_address import describe_redis
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.dispatcher")
 
 WATCH_INTERVAL_S = 0.5
+# While its first workers load their models, a dispatcher says how far they are this often.
+LOADING_LOG_INTERVAL_S = 2.0
 # How long a worker stopped for a stuck call gets to finish it before SIGKILL.
 KILL_GRACE_S = 1.0
 
@@ -102,6 +104,8 @@ class Supervisor:
         self._streams: list[str] = []  # as the workers report them: the supervisor imports no model
         self._apis: list[str] = []
         self._started_at = time.time()
+        self._loading_since = time.monotonic()
+        self._loaded = False  # all first workers have been ready once: "serving" from then on
         self._metrics: MetricsServer | None = None
         if server.metrics_port:
             self._metrics = MetricsServer(server.metrics_addr, server.metrics_port + queue_index, self.state)
@@ -124,6 +128,8 @@ class Supervisor:
             started_at=round(self._started_at, 3),
             heartbeat_at=round(time.time(), 3),
             heartbeat_interval_s=server.heartbeat_interval_s,
+            state=STATE_SERVING if self._loaded else STATE_LOADING,
+            loading_s=0.0 if self._loaded else round(time.monotonic() - self._loading_since, 1),
         )
 
     @property
@@ -153,23 +159,36 @@ class Supervisor:
         probe = RedisProbe(self._settings.server, OutageLog(self._settings.server, SUPERVISOR, "dispatcher",
                                                             self._reporter), queue_tag(self._queue_index))
         self._probe = probe
-        announced = False
+        beating = False
         self._keeper.start()
         try:
             probe.check(time.monotonic())  # a refusal stops us here, before any model loads
+            self._loading_since = time.monotonic()
             for slot in self._slots:
                 self._spawn(slot)
+            # At once, saying "loading": /ready and /goinfer/status tell a dispatcher whose models
+            # take a minute to load from one that is absent.
+            heartbeat.start()
+            beating = True
+            next_progress = time.monotonic() + LOADING_LOG_INTERVAL_S
             while not self._stop_requested:
                 self._step(probe)
-                if not announced and not self._stop_requested and all(slot.ready for slot in self._slots):
-                    heartbeat.start()
-                    announced = True
-                    log.info("dispatcher for queue %d ready", self._queue_index)
+                if self._loaded or self._stop_requested:
+                    continue
+                if all(slot.ready for slot in self._slots):
+                    self._loaded = True
+                    heartbeat.beat()
+                    log.info("dispatcher for queue %d ready (models loaded in %.1f s)", self._queue_index,
+                             time.monotonic() - self._loading_since)
+                elif time.monotonic() >= next_progress:
+                    next_progress = time.monotonic() + LOADING_LOG_INTERVAL_S
+                    log.info("loading: %d/%d workers ready, %.1f s", sum(slot.ready for slot in self._slots),
+                             len(self._slots), time.monotonic() - self._loading_since)
         except (InitFailed, TooManyDeaths) as exc:
             log.error("dispatcher stopping: %s", exc)
             return 1
         finally:
-            if announced:
+            if beating:
                 heartbeat.stop()  # first: readiness probes stop counting us while workers finish
             self._stop_workers()
             self._keeper.stop()  # last: workers finishing their requests are still vouched for
