@@ -366,3 +366,37 @@ class FileRecorder(Model):
         with open(self.path, "a", encoding="utf-8") as executions:  # O_APPEND: one whole line per write
             executions.write(f"{request_id}\n")
         return {"request_id": request_id, "i": params.get("i")}
+
+
+class VersionedAnswer(Model):
+    """Serves the text of `answer.txt` in its version folder, after `warmup_s` (from `warmup.txt`
+    there, default 0) of warm-up; a folder with `broken.txt` fails its init. Records each
+    execution in Redis (key `<QueueName>executions`, as Recorder) with the version that ran it."""
+
+    api_path = "/api/versioned"
+
+    def init(self) -> None:
+        assert self.version_path is not None and self.version is not None
+        folder = self.version_path
+        if os.path.exists(os.path.join(folder, "broken.txt")):
+            raise RuntimeError(f"version {self.version} is broken")
+        with open(os.path.join(folder, "answer.txt")) as handle:
+            self.answer = handle.read().strip()
+        warmup_file = os.path.join(folder, "warmup.txt")
+        self.warmup_s = float(open(warmup_file).read()) if os.path.exists(warmup_file) else 0.0
+        host, _, port = self.settings.server.redis_server.rpartition(":")
+        self.redis = redis.Redis(host=host, port=int(port))
+        self.key = f"{self.settings.server.queue_name}executions"
+        self.warmed = False
+
+    def warmup(self) -> None:
+        time.sleep(self.warmup_s)
+        self.warmed = True
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(float(params.get("sleep", 0)))
+        self.redis.rpush(self.key, f"{request_id} {self.version}")
+        return {"version": self.version, "answer": self.answer, "warmed": self.warmed, "pid": os.getpid()}

@@ -16,7 +16,8 @@ from typing import Any
 from goinfer.dispatcher import metrics
 from goinfer.errors import ApiError
 from goinfer.models.base import Model
-from goinfer.queue import Job, Reply
+from goinfer.models.registry import code_digest
+from goinfer.queue import Job, Reply, model_revision
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.worker")
@@ -25,10 +26,13 @@ log = logging.getLogger("goinfer.worker")
 class Runner:
     """The models of one worker, keyed by api path, and how their answers are encoded."""
 
-    def __init__(self, settings: Settings, models: Mapping[str, Model]) -> None:
+    def __init__(self, settings: Settings, models: Mapping[str, Model],
+                 revisions: Mapping[str, str] | None = None) -> None:
         self._settings = settings
         self.models = dict(models)
         self._infer_fail = settings.error("InferFail")
+        # Per api path, the model_revision() every answer of that model carries.
+        self.revisions = dict(revisions) if revisions is not None else model_revisions(models)
 
     def error_reply(self, job: Job, name: str, detail: str = "") -> str:
         """An answer with the error code `name` of the settings' ErrCode section."""
@@ -86,7 +90,8 @@ class Runner:
         prefix = self._infer_fail
 
         def reply(code: int, msg: str = "", data: dict[str, Any] | None = None) -> str:
-            return Reply(job.id, code, msg, data, queued_ms=queued_ms, infer_ms=infer_ms).encode()
+            return Reply(job.id, code, msg, data, queued_ms=queued_ms, infer_ms=infer_ms,
+                         revision=self.revisions.get(job.api)).encode()
 
         if isinstance(result, ApiError):
             return reply(result.code, f"{prefix.msg} : {_text(result.msg)}")
@@ -102,6 +107,11 @@ class Runner:
             reason = _text(exc)
             log.error("%s of %s (requestId %s): %s", hook, type(model).__name__, job.id, reason)
             return reply(prefix.code, f"{prefix.msg} : {hook}: {reason}")
+
+
+def model_revisions(models: Mapping[str, Model]) -> dict[str, str]:
+    """What computes each api's answers: its version folder and the digest of its code."""
+    return {api: model_revision(model.version, code_digest(type(model))) for api, model in models.items()}
 
 
 def _text(value: object) -> str:

@@ -44,6 +44,7 @@ from goinfer.dispatcher.metrics import MetricsServer
 from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe, dispatcher_nodes
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
 from goinfer.dispatcher.worker import EXIT_REDIS_REFUSED, worker_process_main
+from goinfer.models.versions import ServedVersion, VersionError, choose_version
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
 from goinfer.queue import STATE_LOADING, STATE_SERVING, DispatcherHeartbeat, Job, Reply, dispatcher_key, queue_tag
 from goinfer.redis_address import describe_redis
@@ -105,6 +106,11 @@ class Supervisor:
         self._apis: list[str] = []
         self._started_at = time.time()
         self._loading_since = time.monotonic()
+        # The version folder (per model target with a ModelBasePath) that new workers load, and
+        # the revisions the workers on it reported: answers and the result cache are keyed by them.
+        self._versions: dict[str, ServedVersion] = {}
+        self._revisions: dict[str, str] = {}
+        self._revision_at = 0.0
         self._loaded = False  # all first workers have been ready once: "serving" from then on
         self._metrics: MetricsServer | None = None
         if server.metrics_port:
@@ -130,7 +136,21 @@ class Supervisor:
             heartbeat_interval_s=server.heartbeat_interval_s,
             state=STATE_SERVING if self._loaded else STATE_LOADING,
             loading_s=0.0 if self._loaded else round(time.monotonic() - self._loading_since, 1),
+            revisions=dict(self._revisions),
+            revision_at=round(self._revision_at, 3),
         )
+
+    def _choose_versions(self) -> dict[str, ServedVersion]:
+        """The version each model with a ModelBasePath serves: its pinned one, else the newest.
+
+        Read from the folders, without importing any model. Raises VersionError.
+        """
+        chosen: dict[str, ServedVersion] = {}
+        for target in self._model_paths:
+            config = self._settings.model_config(target)
+            if config is not None and config.base_path:
+                chosen[target] = choose_version(config.base_path, config.version)
+        return chosen
 
     @property
     def _stop_requested(self) -> bool:
@@ -163,6 +183,9 @@ class Supervisor:
         self._keeper.start()
         try:
             probe.check(time.monotonic())  # a refusal stops us here, before any model loads
+            self._versions = self._choose_versions()
+            for target, served in self._versions.items():
+                log.info("%s: serving version %d from %s", target, served.number, served.path)
             self._loading_since = time.monotonic()
             for slot in self._slots:
                 self._spawn(slot)
@@ -184,7 +207,7 @@ class Supervisor:
                     next_progress = time.monotonic() + LOADING_LOG_INTERVAL_S
                     log.info("loading: %d/%d workers ready, %.1f s", sum(slot.ready for slot in self._slots),
                              len(self._slots), time.monotonic() - self._loading_since)
-        except (InitFailed, TooManyDeaths) as exc:
+        except (InitFailed, TooManyDeaths, VersionError) as exc:
             log.error("dispatcher stopping: %s", exc)
             return 1
         finally:
@@ -255,7 +278,7 @@ class Supervisor:
         process = self._context.Process(
             target=worker_process_main,
             args=(self._settings, self._queue_index, self._model_paths, slot.index, child_end, self._reporter,
-                  slot.board),
+                  slot.board, self._versions),
             name=f"goinfer-worker-{self._queue_index}.{slot.index}",
             daemon=False,
         )
@@ -289,6 +312,9 @@ class Supervisor:
             self._streams = list(detail.get("streams", self._streams))
             self._apis = list(detail.get("apis", self._apis))
             slot.consumer, slot.streams = str(detail.get("consumer", "")), tuple(detail.get("streams", ()))
+            revisions = dict(detail.get("revisions", {}))
+            if revisions != self._revisions:
+                self._revisions, self._revision_at = revisions, time.time()
             self._vouch()
 
     def _died(self, slot: _Slot) -> None:

@@ -38,11 +38,12 @@ from goinfer.dispatcher.liveness import CallBoard, infer_limit_s, infer_limits
 from goinfer.dispatcher.orphans import TierWatch
 from goinfer.dispatcher.outage import Backoff, OutageLog, SharedInt, dispatcher_nodes
 from goinfer.dispatcher.reclaim import Reclaimer, find_stale
-from goinfer.dispatcher.runner import Runner
+from goinfer.dispatcher.runner import Runner, model_revisions
 from goinfer.dispatcher.stream import Done, Pending, RepliesRefused, StreamConsumer
 from goinfer.logs import setup_logging
 from goinfer.models.base import Model
 from goinfer.models.registry import ModelRegistry, instantiate
+from goinfer.models.versions import ServedVersion
 from goinfer.queue import STAT_DEADLINE_DROPPED, STAT_ORPHANED, queue_tag, streams_for
 from goinfer.settings import Settings
 
@@ -315,8 +316,9 @@ def _tell(status: Connection, message: tuple[str, Any]) -> None:
 
 def worker_process_main(settings: Settings, queue_index: int, model_paths: list[str], worker_index: int,
                         status: Connection, reporter: SharedInt | None = None,
-                        board: CallBoard | None = None) -> None:
-    """Entry point of a spawned worker: init models, wait for Redis, report to the supervisor, serve."""
+                        board: CallBoard | None = None, versions: Mapping[str, ServedVersion] | None = None) -> None:
+    """Entry point of a spawned worker: init and warm up the models (on the version folders the
+    supervisor chose), wait for Redis, report to the supervisor, serve."""
     setup_logging()
     # Ctrl-C reaches the supervisor, which stops us; the supervisor starts us with SIGINT already
     # ignored (goinfer.processes.start_child), this covers a worker started some other way.
@@ -324,14 +326,17 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
     try:
         registry = ModelRegistry()
         registry.extend_from_paths(model_paths)
-        models = instantiate(registry.classes, settings)
+        models = instantiate(registry.classes, settings, versions)
         for model in models.values():
             model.init()
+        for model in models.values():
+            model.warmup()
     except BaseException as exc:
         log.exception("worker %d: model initialisation failed", worker_index)
         _tell(status, ("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(EXIT_INIT_FAILED) from None
-    _tell(status, ("initialised", None))
+    revisions = model_revisions(models)
+    _tell(status, ("initialised", {"revisions": revisions}))
 
     outage = OutageLog(settings.server, worker_index, f"worker {worker_index}", reporter)
     worker = Worker(settings, queue_index, models, consumer_name(worker_index), outage=outage, board=board)
@@ -344,7 +349,7 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
         if worker.connect():
             # The supervisor imports no model, so the worker tells it what it serves (for its heartbeat).
             _tell(status, ("ready", {"pid": os.getpid(), "streams": worker.streams, "apis": sorted(models),
-                                     "consumer": worker.stream.consumer}))
+                                     "consumer": worker.stream.consumer, "revisions": revisions}))
             worker.run()
     except RedisRefused as exc:
         _tell(status, ("refused", str(exc)))
