@@ -54,6 +54,6 @@ def test_a_pinned_version_is_served_and_a_missing_one_stops_the_dispatcher(tmp_p
     (tmp_path / "missing").mkdir()
     missing = versioned_settings(tmp_path / "missing", redis_server.address, base, ModelVersion=3)
     server = processes.start("server", "0", "--yaml", str(missing))
-    assert server.wait(60) == 1
+    assert server.process.wait(60) == 1
     assert f"ModelVersion 3 is not under {base} (versions found: 1, 2)" in server.output
     assert "Traceback" not in server.output
