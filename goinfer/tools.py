@@ -1,4 +1,4 @@
-"""What `goinfer call`, `goinfer keygen` and `goinfer check` do, as plain functions.
+"""What `goinfer call`, `goinfer keygen`, `goinfer check` and `goinfer status` do, as plain functions.
 
 An operator's first questions after writing a settings file are "is it right?" and "does a signed
 request get through?"; these answer them with the same code the tiers use (settings loader, model
@@ -13,6 +13,7 @@ import http.client
 import ipaddress
 import json
 import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,3 +339,46 @@ def run_checks(path: str, redis_timeout: float = REDIS_CHECK_TIMEOUT_S) -> list[
     results.append(check_redis(settings, redis_timeout))
     return results
 
+
+
+# --- status -------------------------------------------------------------------------------------
+
+STATUS_TIMEOUT_S = 5.0
+
+
+def fetch_status(url: str, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+    """The HTTP tier's /goinfer/status document; ToolError when it cannot be had."""
+    where = url.rstrip("/") + "/goinfer/status"
+    try:
+        with urllib.request.urlopen(where, timeout=timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        raise ToolError(f"cannot reach {url}: {getattr(reason, 'strerror', None) or reason}") from None
+    except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
+        raise ToolError(f"no status from {where}: {type(exc).__name__}: {exc}") from None
+    except ValueError:
+        raise ToolError(f"{where} answered with something other than JSON (is it a goinfer HTTP tier?)") from None
+    if not isinstance(body, dict):
+        raise ToolError(f"{where} answered with something other than a status document")
+    return body
+
+
+def status_lines(body: dict[str, Any]) -> list[str]:
+    """/goinfer/status for people: per dispatcher its state, workers, versions, devices, rollout
+    and refused reload; then what a queue not served yet waits for."""
+    lines = [f"goinfer {body.get('version', '?')}; redis {'answers' if body.get('redis') else 'does not answer'}"]
+    for beat in body.get("dispatchers") or []:
+        if not isinstance(beat, dict):
+            continue
+        lines.append(f"dispatcher {beat.get('host', '?')}:{beat.get('pid', '?')} queue {beat.get('queue_index', '?')}: "
+                     f"{beat.get('summary') or beat.get('state', '?')}")
+        for api, revision in sorted((beat.get("revisions") or {}).items()):
+            lines.append(f"  {api}: revision {revision}")
+    for line in body.get("waiting_for") or []:
+        lines.append(f"waiting: {line}")
+    for api, cache in sorted((body.get("result_cache") or {}).items()):
+        if isinstance(cache, dict):
+            lines.append(f"result cache {api}: revision {cache.get('revision') or 'unknown'}, "
+                         f"{cache.get('memory_entries', 0)} answers in this process")
+    return lines

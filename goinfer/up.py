@@ -13,15 +13,20 @@ still waits), and the next `up` with that folder starts from the same data.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from typing import Any, TextIO
 
 import redis
 from redis.exceptions import RedisError
@@ -40,6 +45,7 @@ from goinfer.redis_server import (
     start_redis_server,
 )
 from goinfer.settings import Settings, SettingsError
+from goinfer.tools import default_url
 
 log = logging.getLogger("goinfer.up")
 
@@ -49,6 +55,10 @@ CHILD_STOP_GRACE_S = 40.0
 # dies more often than this within the window will not stay up, and `up` stops.
 REDIS_RESTART_LIMIT = 3
 REDIS_RESTART_WINDOW_S = 60.0
+# Until the service is ready, what it waits for: a line rewritten on a terminal, else logged.
+PROGRESS_TTY_S = 0.5
+PROGRESS_LOG_S = 2.0
+PROBE_TIMEOUT_S = 1.0
 
 
 def _is_local(host: str) -> bool:
@@ -125,6 +135,73 @@ def _persistence(private: RedisServer) -> str:
     return f"data in {private.data_dir}: append-only file, fsync every second; {kept}"
 
 
+class ReadinessProgress:
+    """Asks the HTTP tier's /ready until it answers 200, and says meanwhile what the service
+    waits for (the HTTP tier to listen, Redis, a dispatcher loading its models), so that a model
+    that takes a minute to load does not look like a hung `up`."""
+
+    def __init__(self, url: str, stream: TextIO | None = None) -> None:
+        self._url = url.rstrip("/")
+        self._stream = stream or sys.stderr
+        self._tty = self._stream.isatty()
+        self._interval = PROGRESS_TTY_S if self._tty else PROGRESS_LOG_S
+        self._next = time.monotonic() + self._interval
+        self.ready = False
+
+    def poll(self) -> None:
+        """Check once if due; prints the ready line once ready."""
+        if self.ready or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self._interval
+        status, body = self._probe()
+        if status == 200:
+            self.ready = True
+            if self._tty:
+                self._stream.write("\r\x1b[K")
+                self._stream.flush()
+            log.info("goinfer up: ready on %s", self._url)
+            return
+        line = waiting_line(status, body)
+        if self._tty:
+            self._stream.write(f"\r\x1b[K{line}")
+            self._stream.flush()
+        else:
+            log.info("%s", line)
+
+    def _probe(self) -> tuple[int | None, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(self._url + "/ready", timeout=PROBE_TIMEOUT_S) as response:
+                return response.status, _json_object(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, _json_object(exc.read())
+        except (OSError, ValueError):
+            return None, {}
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def waiting_line(status: int | None, body: dict[str, Any]) -> str:
+    """What the service waits for, from a /ready answer that is not 200 (status None: no answer)."""
+    if status is None:
+        return "waiting for the HTTP tier to listen"
+    if body.get("redis") is False:
+        return "waiting for redis"
+    lines = body.get("waiting_for")
+    if isinstance(lines, list) and lines:
+        return "waiting for " + "; ".join(str(line).replace("queue ", "dispatcher ", 1) for line in lines)
+    missing = body.get("missing_queues")
+    if isinstance(missing, list) and missing:
+        return "waiting for a dispatcher of " + ", ".join(str(stream) for stream in missing)
+    return f"waiting for the service to be ready (/ready answered {status})"
+
+
 def _http_child(settings: Settings, model_paths: list[str]) -> None:
     from goinfer.http.server import run_http, run_http_processes
     from goinfer.models.registry import ModelRegistry
@@ -171,10 +248,13 @@ def run_up(settings: Settings, model_paths: Sequence[str], data_dir: str | os.Pa
         for child in children.values():
             start_child(child)
         log.info("goinfer up: %s; Ctrl-C stops everything", ", ".join(children))
+        progress = ReadinessProgress(default_url(settings))
         sentinels = [child.sentinel for child in children.values()]
         redis_deaths: list[float] = []
         while not stop.requested:
             done = wait(sentinels, timeout=0.5)
+            if not done and not stop.requested:
+                progress.poll()
             if private_redis is not None and not private_redis.running() and not stop.requested:
                 private_redis = _restart_redis(private_redis, redis_deaths)
                 if private_redis is None:

@@ -1,9 +1,12 @@
 """The HTTP tier's routes and a request's way through it.
 
-POST <api_path>: read the body (bounded) -> checkSign -> model.api_entry -> queue -> reply ->
-go-infer's envelope. Every failure on that way is answered in the envelope with its code; none
-becomes a traceback or a 500. Each answer is counted (metrics.py) and, with API.AccessLog, is one
-line on the `goinfer.access` logger. GET /health, /ready, /metrics, /goinfer/status: ops.py.
+POST <api_path>: read the body (bounded) -> checkSign -> model.api_entry -> result cache
+(result_cache.py, for a model with `Cache:`) or queue -> reply -> go-infer's envelope, with the
+X-Goinfer-Model-Version header when the answer's model was served from a version folder. Every
+failure on that way is answered in the envelope with its code; none becomes a traceback or a
+500. Each answer is counted (metrics.py) and, with API.AccessLog, is one line on the
+`goinfer.access` logger (with `version=` and, when the cache answered, `cache=`).
+GET /health, /ready, /metrics, /goinfer/status: ops.py.
 
 The event loop serves every client, so nothing a request brings runs long on it: bodies that
 are not cheap to check are checked in check processes (offload.py), with a bound on how many are
@@ -33,14 +36,16 @@ from goinfer.http.metrics import UNROUTED, HttpMetrics
 from goinfer.http.offload import CheckPool, CheckUnavailable, cheap_to_check
 from goinfer.http.ops import OpsEndpoints
 from goinfer.http.queue_client import QueueClient, QueueFull, Replayed, ReplyTimeout, SendFailure
+from goinfer.http.result_cache import ModelCache, ResultCache
 from goinfer.http.signing import SignatureChecker, SignCheckFailure, SignedRequest
 from goinfer.models.base import NOAPI_PREFIX, Model
-from goinfer.queue import Job, Reply, choose_queue, replay_target, stream_name
+from goinfer.queue import Job, Reply, choose_queue, replay_target, revision_version, stream_name, streams_for
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
 # One INFO line per answered request; filter or silence it by this name, or with API.AccessLog.
 access_log = logging.getLogger("goinfer.access")
+VERSION_HEADER = "X-Goinfer-Model-Version"
 
 @dataclass
 class TierState:
@@ -62,13 +67,16 @@ class Outcome(NamedTuple):
     app_id: str = ""
     request_id: str = ""
     reply: Reply | None = None
+    revision: str | None = None  # what computed the answer (a cached one's too)
+    cached: str = ""  # the cache level that answered, "" when the queue did
 
 
 class ApiHandler:
     """Serves every model's api_path; one instance per HTTP process."""
 
     def __init__(self, settings: Settings, models: Mapping[str, Model], checker: SignatureChecker,
-                 queue: QueueClient, metrics: HttpMetrics, check_pool: CheckPool | None = None) -> None:
+                 queue: QueueClient, metrics: HttpMetrics, check_pool: CheckPool | None = None,
+                 cache: ResultCache | None = None) -> None:
         api = settings.api
         self._settings = settings
         self._metrics = metrics
@@ -93,6 +101,8 @@ class ApiHandler:
         # A signature can be replayed while its timestamp is accepted: either side of "now".
         self._replay_ttl = int(2 * settings.api.request_timestamp_diff) + 1
         self._body_timeout = settings.api.body_read_timeout_s
+        self._cache = cache
+        self._cache_key_failed: set[str] = set()  # models whose cache_key raised: logged once
 
     def _fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
               status: int = 200, code: int | None = None) -> Outcome:
@@ -109,9 +119,14 @@ class ApiHandler:
         outcome = await self._serve(self._models[api_path], request)
         elapsed = time.perf_counter() - started
         self._metrics.observe(api_path, outcome.code, elapsed, outcome.reply)
+        version = revision_version(outcome.revision)
+        if version is not None:
+            outcome.response.headers[VERSION_HEADER] = version
         if self._access_log:
-            access_log.info("POST %s appId=%s code=%d %.1fms requestId=%s", api_path, outcome.app_id,
-                            outcome.code, elapsed * 1000, outcome.request_id)
+            access_log.info("POST %s appId=%s code=%d %.1fms requestId=%s%s%s", api_path, outcome.app_id,
+                            outcome.code, elapsed * 1000, outcome.request_id,
+                            "" if version is None else f" version={version}",
+                            f" cache={outcome.cached}" if outcome.cached else "")
         return outcome.response
 
     async def _serve(self, model: Model, request: web.Request) -> Outcome:
@@ -128,12 +143,13 @@ class ApiHandler:
             index, replay = replay_target(app_id, signed.sign_data, self._queue_amount)
         else:
             index = choose_queue(self._queue_amount)
+        cache = self._cache.of(model.api_path) if self._cache is not None else None
         try:
             if pool is None:
-                payload = self._job_of(model, signed.data, request_id, arrived, index)
+                payload, key_text = self._job_of(model, signed.data, request_id, arrived, index, cache)
             else:
-                payload = await pool.run(functools.partial(self._job_of, model, signed.data, request_id, arrived,
-                                                           index))
+                payload, key_text = await pool.run(functools.partial(self._job_of, model, signed.data, request_id,
+                                                                     arrived, index, cache))
         except EntryBusy as exc:
             return self._fail("ApiEntryBusy", app_id, request_id, str(exc))
         except ApiError as exc:
@@ -141,6 +157,15 @@ class ApiHandler:
         except Exception as exc:
             log.exception("api_entry of %s failed (requestId %s)", type(model).__name__, request_id)
             return self._fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
+
+        if cache is not None and key_text is not None:
+            hit = await cache.lookup(key_text)
+            if hit is not None:
+                refused = await self._claim_replay(replay, app_id, request_id)
+                if refused is not None:
+                    return refused
+                return Outcome(envelope.success(app_id, request_id, hit.data), 0, app_id, request_id,
+                               revision=hit.revision, cached=hit.level)
 
         stream = stream_name(model.queue or self._default_queue, index)
         try:
@@ -157,20 +182,57 @@ class ApiHandler:
             return self._fail("QueueTimeout", app_id, request_id)
         if reply.code != 0:
             return Outcome(envelope.failure(app_id, request_id, reply.code, reply.msg), reply.code, app_id,
-                           request_id, reply)
+                           request_id, reply, reply.revision)
         if not isinstance(reply.data, dict):
             return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
-        return Outcome(envelope.success(app_id, request_id, reply.data), 0, app_id, request_id, reply)
+        response = envelope.success(app_id, request_id, reply.data)
+        if cache is not None and key_text is not None and reply.revision:
+            cache.store(reply.revision, key_text, reply.data)  # under what computed it, never another
+        return Outcome(response, 0, app_id, request_id, reply, reply.revision)
 
-    def _job_of(self, model: Model, data: dict, request_id: str, arrived: float, index: int) -> str:
-        """model.api_entry and the encoded Job: in one of the model's api_entry threads (on the
-        event loop with ApiEntryThreads 0)."""
+    async def _claim_replay(self, replay: str | None, app_id: str, request_id: str) -> Outcome | None:
+        """With RejectReplay, a cached answer refuses a replayed signature as a queued one does:
+        None when the signature is new. The check needs Redis, so when Redis fails the request
+        fails as a queued one would (SendMsgFail)."""
+        if replay is None:
+            return None
+        assert self._cache is not None
+        try:
+            fresh = await self._cache.claim_replay(replay, self._replay_ttl)
+        except Exception as exc:  # noqa: BLE001 - redis-py, OSError, timeouts: the request cannot be checked
+            reason = str(exc) or type(exc).__name__
+            return self._fail("SendMsgFail", app_id, request_id, f"replay check failed: {reason}")
+        return None if fresh else self._fail("Replayed", app_id, request_id)
+
+    def _job_of(self, model: Model, data: dict, request_id: str, arrived: float, index: int,
+                cache: ModelCache | None) -> tuple[str, str | None]:
+        """model.api_entry, the encoded Job and (for a cached model) the request's cache key text:
+        in one of the model's api_entry threads (on the event loop with ApiEntryThreads 0)."""
         params = model.api_entry(data)
         if not isinstance(params, dict):
             raise TypeError(f"api_entry must return a dict, returned {type(params).__name__}")
         # Encoding here refuses params that cannot travel as JSON, with the model's name.
-        return Job(request_id, model.api_path, params, self._queue.reply_key(index), arrived + self._timeout,
-                   alive_key=self._queue.alive_key).encode()
+        payload = Job(request_id, model.api_path, params, self._queue.reply_key(index), arrived + self._timeout,
+                      alive_key=self._queue.alive_key).encode()
+        return payload, (None if cache is None else self._key_text(model, params))
+
+    def _key_text(self, model: Model, params: dict) -> str | None:
+        """model.cache_key(params); a failing one only means this request is not cached."""
+        try:
+            key = model.cache_key(params)
+        except Exception as exc:  # noqa: BLE001 - the model's code: never a failed request
+            if model.api_path not in self._cache_key_failed:
+                self._cache_key_failed.add(model.api_path)
+                log.warning("%s.cache_key failed (%s: %s): such requests are not cached (logged once)",
+                            type(model).__name__, type(exc).__name__, exc)
+            return None
+        if key is not None and not isinstance(key, str):
+            if model.api_path not in self._cache_key_failed:
+                self._cache_key_failed.add(model.api_path)
+                log.warning("%s.cache_key returned %s, not a str or None: such requests are not cached "
+                            "(logged once)", type(model).__name__, type(key).__name__)
+            return None
+        return key
 
     async def _receive(self, request: web.Request) -> SignedRequest | Outcome:
         """The body, read and checked: what the request costs before its signature is known good.
@@ -254,10 +316,14 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     routed = {path: model for path, model in models.items() if not path.startswith(NOAPI_PREFIX)}
     metrics = HttpMetrics()
     check_pool = CheckPool(settings.api, settings.api.check_processes) if settings.api.check_processes else None
-    api = ApiHandler(settings, routed, checker, queue, metrics, check_pool)
+    server = settings.server
+    streams = streams_for(server.queue_name, [model.queue for model in routed.values()],
+                          range(server.request_queue_amount))
+    cache = ResultCache(settings, routed, streams, metrics, redis_down=lambda: queue.health.down)
+    api = ApiHandler(settings, routed, checker, queue, metrics, check_pool, cache if cache else None)
     state = TierState()
     ops = OpsEndpoints(settings, routed, metrics, lambda: queue.in_flight, lambda: state.draining,
-                       redis_reachable=lambda: not queue.health.down)
+                       redis_reachable=lambda: not queue.health.down, cache=cache)
 
     @web.middleware
     async def envelope_and_drain(request: web.Request, handler) -> web.StreamResponse:
@@ -301,5 +367,6 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
 
     app.cleanup_ctx.append(queue_lifecycle)
     app.cleanup_ctx.append(ops.lifecycle)
+    app.cleanup_ctx.append(cache.lifecycle)
     app.cleanup_ctx.append(offload_lifecycle)
     return app

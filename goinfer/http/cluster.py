@@ -9,12 +9,14 @@ heartbeats share one slot (one MGET), the queues' reads go out as one pipeline p
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio
 import redis.asyncio.cluster
 
+from goinfer.http.readiness import is_ours
 from goinfer.queue import (
     CONSUMER_GROUP,
     DISPATCHERS_SET,
@@ -70,10 +72,11 @@ async def read_dispatchers(client: AnyRedis) -> list[DispatcherHeartbeat]:
     return found
 
 
-async def read_cluster(client: AnyRedis, streams: list[str]) -> ClusterSnapshot:
-    """Dispatchers serving any of `streams`, and each stream's depth and counters: 3 round trips."""
+async def read_cluster(client: AnyRedis, streams: list[str], targets: Collection[str] = ()) -> ClusterSnapshot:
+    """Dispatchers serving any of `streams` (or, still loading, started with one of the model
+    `targets`), and each stream's depth and counters: 3 round trips."""
     wanted = set(streams)
-    dispatchers = [beat for beat in await read_dispatchers(client) if wanted.intersection(beat.streams)]
+    dispatchers = [beat for beat in await read_dispatchers(client) if is_ours(beat, wanted, targets)]
     served = served_streams(dispatchers)
     pipe = client.pipeline(transaction=False)
     for stream in streams:

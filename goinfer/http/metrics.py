@@ -51,6 +51,10 @@ class HttpMetrics:
                                "worker).", ["api_path"], buckets=LATENCY_BUCKETS, registry=None)
         self.in_flight = Gauge("goinfer_http_in_flight_requests", "Requests queued and waiting for their answer.",
                                registry=None, multiprocess_mode="livesum")
+        # The result cache (result_cache.py): per model path, level (memory, redis) and result
+        # (hit; miss; error: a redis read that failed or was too slow, a miss too).
+        self.cache_requests = Counter("goinfer_result_cache_requests", "Result cache lookups, by model path, "
+                                      "level and result.", ["api", "level", "result"], registry=None)
         self._counted: dict[tuple[str, int], Callable[[], None]] = {}
         self._timed: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
 
@@ -80,7 +84,8 @@ class HttpMetrics:
         if multiprocess_mode():
             MultiProcessCollector(registry)
         else:
-            for metric in (self.requests, self.latency, self.queue_wait, self.infer, self.in_flight):
+            for metric in (self.requests, self.latency, self.queue_wait, self.infer, self.in_flight,
+                           self.cache_requests):
                 registry.register(metric)
         registry.register(_Snapshot(cluster))
         return generate_latest(registry)

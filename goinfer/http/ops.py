@@ -4,6 +4,11 @@ For load balancers, Kubernetes probes, Prometheus and people. They use their own
 with short timeouts, so a slow probe never queues behind requests, and they are neither counted
 in the request metrics nor written to the access log. A model whose api_path is one of these
 paths keeps it: the endpoint is then not served (logged at start).
+
+Readiness tells a queue whose dispatcher is still loading its models (/ready adds
+`loading_queues` and a `waiting_for` line per queue not served yet, e.g. "queue 0: loading,
+1/2 workers ready, 6.1 s") from one with no dispatcher at all ("queue 1: no dispatcher"); it
+stays 503 until every queue is served.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from goinfer import __version__
 from goinfer.connections import async_client
 from goinfer.http.cluster import AnyRedis, ClusterSnapshot, read_cluster, read_dispatchers
 from goinfer.http.metrics import HttpMetrics, multiprocess_mode
+from goinfer.http.readiness import dispatcher_summary, dispatcher_versions, waiting_for
+from goinfer.http.result_cache import ResultCache
 from goinfer.models.base import Model
-from goinfer.queue import served_streams, streams_for
+from goinfer.models.registry import import_path_of
+from goinfer.queue import DispatcherHeartbeat, served_streams, streams_for
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
@@ -50,7 +58,7 @@ class OpsEndpoints:
 
     def __init__(self, settings: Settings, models: Mapping[str, Model], metrics: HttpMetrics,
                  in_flight: Callable[[], int], draining: Callable[[], bool],
-                 redis_reachable: Callable[[], bool] | None = None) -> None:
+                 redis_reachable: Callable[[], bool] | None = None, cache: ResultCache | None = None) -> None:
         """`redis_reachable`: whether the tier's own connections reach Redis (the queue client's
         health), which a PING on the probe's connection alone cannot tell: after a virtual IP
         moved, a fresh connection answers while the tier's are dead."""
@@ -58,8 +66,12 @@ class OpsEndpoints:
         self._paths = sorted(models)
         server = settings.server
         # Every stream this tier sends to: each routed model's queue (or QueueName) + N.
-        self._streams = streams_for(server.queue_name, [model.queue for model in models.values()],
-                                    range(server.request_queue_amount))
+        queues = [model.queue for model in models.values()]
+        self._streams = streams_for(server.queue_name, queues, range(server.request_queue_amount))
+        self._streams_of = {index: streams_for(server.queue_name, queues, [index])
+                            for index in range(server.request_queue_amount)}
+        self._targets = {import_path_of(type(model)) for model in models.values()}
+        self._cache = cache
         self._metrics = metrics
         self._in_flight = in_flight
         self._draining = draining
@@ -107,8 +119,18 @@ class OpsEndpoints:
             return not_ready
         served = served_streams(dispatchers)
         missing = [stream for stream in self._streams if stream not in served]
-        return web.json_response({"ready": not missing, "redis": True, "missing_queues": missing},
-                                 status=503 if missing else 200)
+        body: dict[str, Any] = {"ready": not missing, "redis": True, "missing_queues": missing}
+        body.update(self._loading(dispatchers, missing))
+        return web.json_response(body, status=503 if missing else 200)
+
+    def _loading(self, dispatchers: list[DispatcherHeartbeat], missing: list[str]) -> dict[str, Any]:
+        """`loading_queues` and `waiting_for`, when a dispatcher of a missing queue is loading."""
+        waiting = waiting_for(dispatchers, self._streams_of, set(missing), self._targets)
+        loading = [stream for index, line in waiting for stream in self._streams_of[index]
+                   if stream in missing and line.loading]
+        if not loading:
+            return {}
+        return {"loading_queues": loading, "waiting_for": [line.text for _, line in waiting]}
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text format: request metrics and, read from Redis now, the cluster's."""
@@ -124,16 +146,26 @@ class OpsEndpoints:
                      "in_flight": self._in_flight(), "api_paths": self._paths, "queues": self._streams},
             "redis": cluster is not None,
         }
+        if self._cache:
+            body["result_cache"] = {
+                api: {"revision": self._cache.revisions.current(api), "memory_entries": model.entries}
+                for api, model in self._cache.models.items()}
         if cluster is not None:
             body.update(cluster.as_json())
+            for beat, shown in zip(cluster.dispatchers, body["dispatchers"], strict=True):
+                shown["summary"] = dispatcher_summary(beat)
+                shown["served_versions"] = dispatcher_versions(beat)
             served = served_streams(cluster.dispatchers)
-            body["missing_queues"] = [stream for stream in self._streams if stream not in served]
+            missing = [stream for stream in self._streams if stream not in served]
+            body["missing_queues"] = missing
+            body["waiting_for"] = [line.text for _, line in
+                                   waiting_for(cluster.dispatchers, self._streams_of, set(missing), self._targets)]
         return web.json_response(body)
 
     async def _cluster(self) -> ClusterSnapshot | None:
         try:
             assert self._redis is not None
-            return await asyncio.wait_for(read_cluster(self._redis, self._streams), SCRAPE_TIMEOUT_S)
+            return await asyncio.wait_for(read_cluster(self._redis, self._streams, self._targets), SCRAPE_TIMEOUT_S)
         except _REDIS_FAILURES:
             return None
 
