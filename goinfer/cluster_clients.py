@@ -45,8 +45,9 @@ from goinfer.connections import (
     cluster_node_client,
     is_refusal,
     is_unblocked,
+    sync_client,
 )
-from goinfer.redis_address import describe_redis
+from goinfer.redis_address import describe_redis, redis_address
 from goinfer.settings import ServerSettings
 
 _E = TypeVar("_E", bound=BaseException)
@@ -131,6 +132,15 @@ class NodeClients:
 def node_clients(client: redis.Redis | NodeClients) -> NodeClients:
     """`client` as NodeClients (a plain client serves every key)."""
     return client if isinstance(client, NodeClients) else NodeClients(client)
+
+
+def slot_clients(server: ServerSettings, home: str, *, timeout_s: float = 30.0, retries: int = 1) -> NodeClients:
+    """Blocking clients for the keys of one hash slot (`home` is one of them): on a Redis
+    Cluster, the primary serving that slot, found again after a failover; on one Redis, that
+    Redis. `retries` immediate retries, so the caller's own back-off decides when to try again."""
+    if redis_address(server).kind == "cluster":
+        return ClusterNodeClients(server, home, timeout_s=timeout_s, retries=retries)
+    return NodeClients(sync_client(server, timeout_s=timeout_s, retries=retries))
 
 
 class ClusterNodeClients(NodeClients):

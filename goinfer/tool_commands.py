@@ -1,4 +1,4 @@
-"""The operator tools `goinfer init`, `call`, `keygen` and `check`: thin click wrappers.
+"""The operator tools `goinfer init`, `call`, `keygen`, `check`, `status` and `reload`: thin click wrappers.
 
 The work is in goinfer.tools, imported when a command runs, so that `goinfer --help` and the
 spawned worker processes (which import goinfer.cli) do not pay for it.
@@ -102,6 +102,74 @@ def check_command(yaml_path: str) -> None:
     sys.exit(max((r.exit_status for r in results if not r.ok), default=0))
 
 
+@click.command("reload")
+@_yaml_option
+def reload_command(yaml_path: str) -> None:
+    """Make every dispatcher of this Redis roll its workers over to fresh processes.
+
+    Each worker is replaced one at a time by a new process (never fewer than MaxWorkers serve
+    meanwhile): changed model code is imported again and the version folders under each
+    ModelBasePath are read again. A new worker that cannot load its models refuses the reload
+    and the old workers serve on (the dispatcher's `reload_error` in GET /goinfer/status says why).
+
+    Dispatchers look for a reload every Server.ModelPollS seconds; those with ModelPollS 0 take
+    reloads only from SIGHUP (`kill -HUP <dispatcher pid>`, which reloads that one only).
+    """
+    from redis.exceptions import RedisError
+
+    from goinfer.cluster_clients import slot_clients
+    from goinfer.connections import refusal
+    from goinfer.queue import DISPATCHERS_SET, RELOAD_KEY
+    from goinfer.redis_address import describe_redis
+    from goinfer.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(yaml_path)
+        nodes = slot_clients(settings.server, DISPATCHERS_SET, timeout_s=5.0)
+    except SettingsError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    try:
+        counter = nodes.client.incr(RELOAD_KEY)
+    except (RedisError, OSError) as exc:
+        refused = refusal(exc, settings.server)
+        _fail(str(refused) if refused else f"redis at {describe_redis(settings.server)} does not answer: {exc}",
+              EXIT_FAILED)
+    finally:
+        nodes.close()
+    poll_s = settings.server.model_poll_s
+    when = f"within Server.ModelPollS ({poll_s:g} s)" if poll_s else "(Server.ModelPollS is 0 here: send SIGHUP)"
+    click.echo(f"reload {counter} requested: dispatchers roll their workers over {when}")
+
+
+@click.command("status")
+@click.option("--url", default=None, metavar="URL",
+              help="The HTTP tier or nginx in front of it [default: http://<API.Addr or 127.0.0.1>:<API.Port>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the tier's GET /goinfer/status document as it is.")
+@_yaml_option
+def status_command(url: str | None, as_json: bool, yaml_path: str) -> None:
+    """Show what serves this deployment, as one HTTP tier sees it.
+
+    Per dispatcher: loading or serving, its workers, the model versions it serves, its devices,
+    a rollover in progress and a refused version or reload; then each queue that waits for a
+    dispatcher, loading or absent. Exit 1 when the tier cannot be reached.
+    """
+    from goinfer.settings import SettingsError, load_settings
+    from goinfer.tools import ToolError, default_url, fetch_status, status_lines
+
+    try:
+        settings = load_settings(yaml_path)
+        body = fetch_status(url or default_url(settings))
+    except SettingsError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except ToolError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(body, indent=2, ensure_ascii=False, sort_keys=True))
+        return
+    for line in status_lines(body):
+        click.echo(line)
+
+
 @click.command("init")
 @click.argument("folder", metavar="[DIR]", default=".", type=click.Path(file_okay=False))
 def init_command(folder: str) -> None:
@@ -155,4 +223,4 @@ def _goinfer_command() -> str:
     return shlex.quote(os.path.abspath(sys.argv[0]))
 
 
-TOOL_COMMANDS = (init_command, call_command, keygen_command, check_command)
+TOOL_COMMANDS = (init_command, call_command, keygen_command, check_command, status_command, reload_command)

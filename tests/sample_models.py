@@ -400,3 +400,95 @@ class VersionedAnswer(Model):
         time.sleep(float(params.get("sleep", 0)))
         self.redis.rpush(self.key, f"{request_id} {self.version}")
         return {"version": self.version, "answer": self.answer, "warmed": self.warmed, "pid": os.getpid()}
+
+
+class WarmupCounter(Model):
+    """Counts the warm-up calls its worker ran (its `warmup_params` plus the settings' `Warmup:`)
+    before it answered its first request."""
+
+    api_path = "/api/warm-count"
+    warmup_params = ({"text": "from the class"},)
+
+    def init(self) -> None:
+        self.warm_calls: list[dict[str, Any]] = []
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        if request_id.startswith("warmup-"):
+            self.warm_calls.append(params)
+        return {"warm_calls": list(self.warm_calls), "pid": os.getpid()}
+
+
+class FailingWarmup(Echo):
+    """Initialises, then fails its warm-up the way a model missing its GPU would."""
+
+    api_path = "/api/failing-warmup"
+
+    def warmup(self) -> None:
+        raise RuntimeError("warm-up failed: no GPU here")
+
+
+class Placement(Model):
+    """Says which device its worker was placed on (the environment it started with) and its pid."""
+
+    api_path = "/api/placement"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
+                "pid": os.getpid()}
+
+
+class CachedCounter(Model):
+    """For the result cache: records each execution in Redis (key `<QueueName>executions`, as
+    Recorder); `fail` answers ApiError 7001. Its cache_key rounds `x` to one decimal (near-equal
+    requests share an answer), returns None for `nocache` and raises for `badkey`."""
+
+    api_path = "/api/cached"
+
+    def init(self) -> None:
+        host, _, port = self.settings.server.redis_server.rpartition(":")
+        self.redis = redis.Redis(host=host, port=int(port))
+        self.key = f"{self.settings.server.queue_name}executions"
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    def cache_key(self, params: dict[str, Any]) -> str | None:
+        if params.get("nocache"):
+            return None
+        if params.get("badkey"):
+            raise ValueError("no key for this request")
+        rounded = dict(params)
+        if isinstance(rounded.get("x"), (int, float)):
+            rounded["x"] = round(float(rounded["x"]), 1)
+        return super().cache_key(rounded)
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.redis.rpush(self.key, request_id)
+        if params.get("fail"):
+            raise ApiError(7001, "asked to fail")
+        return {"x": params.get("x"), "computed_by": request_id, "pid": os.getpid()}
+
+
+class LoadsOnce(VersionedAnswer):
+    """VersionedAnswer whose version folder with `once.txt` loads in one worker only: the next
+    worker to load that version fails its init (a version that breaks halfway through a rollover)."""
+
+    api_path = "/api/loads-once"
+
+    def init(self) -> None:
+        assert self.version_path is not None
+        if os.path.exists(os.path.join(self.version_path, "once.txt")):
+            try:
+                os.close(os.open(os.path.join(self.version_path, "loaded"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                raise RuntimeError(f"version {self.version} loads only once") from None
+        super().init()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from goinfer.connections import is_out_of_memory
+from goinfer.connections import is_out_of_memory, refusal
 from goinfer.dispatcher.outage import dispatcher_nodes
 from goinfer.queue import DISPATCHERS_SET, DispatcherHeartbeat, heartbeat_ttl_s
 from goinfer.redis_address import describe_redis
@@ -52,17 +52,29 @@ class Heartbeat:
         # The keys and the set share a hash tag: on a Redis Cluster, one primary holds them all.
         self._nodes = dispatcher_nodes(server, DISPATCHERS_SET, timeout_s=COMMAND_TIMEOUT_S)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
 
     def start(self) -> None:
-        """Beat once now, so a dispatcher that says it is ready is already seen by /ready."""
-        self.beat()
+        """Beat once now, so a dispatcher that says it is ready is already seen by /ready.
+
+        Raises RedisRefused when Redis refuses the heartbeat's commands (an ACL): the dispatcher
+        stops with that one line, as when its workers are refused, instead of warning forever.
+        """
+        self.beat(refusals=True)
         self._thread = threading.Thread(target=self._run, name="goinfer-heartbeat", daemon=True)
         self._thread.start()
 
-    def beat(self) -> bool:
-        """Write the key once; False (logged once per outage) when Redis does not take it."""
+    def nudge(self) -> None:
+        """Beat soon, from the heartbeat's thread: what the dispatcher says has changed (a version,
+        a rollover), and the caller's loop must not wait on Redis."""
+        self._wake.set()
+
+    def beat(self, *, refusals: bool = False) -> bool:
+        """Write the key once; False (logged once per outage) when Redis does not take it.
+
+        With `refusals`, Redis refusing the credentials or a command raises RedisRefused."""
         try:
             payload = self._describe().encode()
             client = self._nodes.client
@@ -73,6 +85,10 @@ class Heartbeat:
             client.register_script(PRUNE_SCRIPT)(keys=[DISPATCHERS_SET])
         except (RedisError, OSError) as exc:
             self._nodes.lost(exc)
+            refused = refusal(exc, self._server) if refusals else None
+            if refused is not None:
+                self._nodes.close()
+                raise refused from None
             if is_out_of_memory(exc) and self._keep_alive():
                 return True  # Redis at maxmemory: the last description stays, and so does /ready
             if not self._failing:
@@ -99,6 +115,7 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating and delete the key, so readiness probes stop counting this dispatcher now."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(COMMAND_TIMEOUT_S * 3)
         try:
@@ -112,5 +129,9 @@ class Heartbeat:
             self._nodes.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self.beat()

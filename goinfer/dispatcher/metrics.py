@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from goinfer.queue import DispatcherHeartbeat
+from goinfer.queue import DispatcherHeartbeat, revision_version
 
 log = logging.getLogger("goinfer.dispatcher")
 
@@ -50,8 +50,10 @@ ORPHANED = Counter("goinfer_dispatcher_orphaned", "Requests skipped unrun becaus
 class SupervisorCollector:
     """The supervisor's own numbers, read when Prometheus scrapes."""
 
-    def __init__(self, read: Callable[[], DispatcherHeartbeat]) -> None:
+    def __init__(self, read: Callable[[], DispatcherHeartbeat],
+                 reload_failures: Callable[[], int] | None = None) -> None:
         self._read = read
+        self._reload_failures = reload_failures
 
     def collect(self) -> Iterable[Metric]:
         state = self._read()
@@ -64,16 +66,38 @@ class SupervisorCollector:
         live.add_metric(list(labels.values()), state.live_workers)
         configured = GaugeMetricFamily("goinfer_dispatcher_max_workers", "Server.MaxWorkers.", labels=list(labels))
         configured.add_metric(list(labels.values()), state.max_workers)
-        return [restarts, live, configured]
+        families: list[Metric] = [restarts, live, configured]
+        if self._reload_failures is not None:
+            failures = CounterMetricFamily("goinfer_dispatcher_reload_failures", "New versions or reloads refused "
+                                           "because a new worker could not load them.", labels=list(labels))
+            failures.add_metric(list(labels.values()), self._reload_failures())
+            families.append(failures)
+        served = GaugeMetricFamily("goinfer_dispatcher_model_version", "The version new workers serve, per model "
+                                   "(only models with version folders); labelled with the full revision.",
+                                   labels=[*labels, "api_path", "revision"])
+        for api, revision in sorted(state.revisions.items()):
+            number = revision_version(revision)
+            if number is not None and number.isdigit():
+                served.add_metric([*labels.values(), api, revision], int(number))
+        families.append(served)
+        if state.devices:
+            device = GaugeMetricFamily("goinfer_dispatcher_worker_device", "The device each worker place runs on "
+                                       "(Server.Devices); always 1.", labels=[*labels, "slot", "device"])
+            for slot, name in enumerate(state.devices):
+                device.add_metric([*labels.values(), str(slot), name], 1)
+            families.append(device)
+        return families
 
 
 class MetricsServer:
     """The supervisor's /metrics: its collector plus the workers' multiprocess files."""
 
-    def __init__(self, addr: str, port: int, read_state: Callable[[], DispatcherHeartbeat]) -> None:
+    def __init__(self, addr: str, port: int, read_state: Callable[[], DispatcherHeartbeat],
+                 reload_failures: Callable[[], int] | None = None) -> None:
         self._addr = addr
         self._port = port
         self._read_state = read_state
+        self._reload_failures = reload_failures
         self._folder: str | None = None
         self._server: Any = None
 
@@ -85,7 +109,7 @@ class MetricsServer:
     def start(self) -> None:
         """Listen; a port already taken is logged and the dispatcher serves on without metrics."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SupervisorCollector(self._read_state))
+        registry.register(SupervisorCollector(self._read_state, self._reload_failures))
         if self._folder is not None:
             MultiProcessCollector(registry, path=self._folder)
         try:

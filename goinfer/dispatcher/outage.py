@@ -19,9 +19,9 @@ from typing import Protocol
 
 import redis
 
-from goinfer.cluster_clients import ClusterNodeClients, NodeClients
+from goinfer.cluster_clients import NodeClients, slot_clients
 from goinfer.connections import CONNECT_TIMEOUT_S, refusal, sync_client
-from goinfer.redis_address import describe_redis, redis_address
+from goinfer.redis_address import describe_redis
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -50,9 +50,7 @@ def dispatcher_nodes(server: ServerSettings, home: str, *, timeout_s: float = 30
     Redis Cluster everything it sends in one round trip goes to the primary serving that slot,
     found again after a failover; on one Redis, to that Redis.
     """
-    if redis_address(server).kind == "cluster":
-        return ClusterNodeClients(server, home, timeout_s=timeout_s, retries=1)
-    return NodeClients(dispatcher_client(server, timeout_s=timeout_s))
+    return slot_clients(server, home, timeout_s=timeout_s, retries=1)
 
 
 class Backoff:

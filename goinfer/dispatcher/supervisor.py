@@ -19,6 +19,11 @@ the supervisor's decision, not a crash: it never counts toward the restart limit
 It also tells the outside world about itself: a heartbeat in Redis (heartbeat.py) naming the
 streams its workers reported reading, and, with Server.MetricsPort, a /metrics endpoint
 (metrics.py).
+
+Models live: a new version folder (watch.py, every Server.ModelPollS), `goinfer reload` or
+SIGHUP rolls the workers over to fresh processes one at a time without dropping below
+MaxWorkers (rollout.py); a new version that cannot load is refused while the old workers serve
+on. Each worker starts on its place's device (Server.Devices, devices.py).
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
@@ -38,11 +44,14 @@ from redis.exceptions import RedisError
 from goinfer import __version__
 from goinfer.cli_options import fatal
 from goinfer.connections import RedisRefused
+from goinfer.dispatcher.devices import device_for, environment, placement_environment
 from goinfer.dispatcher.heartbeat import Heartbeat
 from goinfer.dispatcher.liveness import COMMAND_TIMEOUT_S, Call, CallBoard, EntryKeeper, Holder, settle_overdue
 from goinfer.dispatcher.metrics import MetricsServer
 from goinfer.dispatcher.outage import NOBODY, SUPERVISOR, OutageLog, RedisProbe, dispatcher_nodes
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
+from goinfer.dispatcher.rollout import Rollout, change_label, describe_versions
+from goinfer.dispatcher.watch import ModelWatch
 from goinfer.dispatcher.worker import EXIT_REDIS_REFUSED, worker_process_main
 from goinfer.models.versions import ServedVersion, VersionError, choose_version
 from goinfer.processes import StopSignals, exit_code, start_child, stop_processes
@@ -65,10 +74,18 @@ class InitFailed(Exception):
 
 @dataclass
 class _Slot:
-    """One of the MaxWorkers places a worker runs in; a restarted worker takes its dead one's."""
+    """One worker's place: a restarted worker takes its dead one's (and so its consumer).
+
+    `index` names the consumer, so it is never reused within a dispatcher: a rollover starts its
+    new workers in new slots. `position` (0 to MaxWorkers - 1) is the place in the pool that
+    decides the device; a worker started by a rollover takes the position of the one it replaces.
+    """
 
     index: int
     board: CallBoard
+    position: int = 0
+    versions: dict[str, ServedVersion] = field(default_factory=dict)  # what its worker loads
+    generation: int = 0  # which rollover started it (0: the dispatcher's start)
     process: BaseProcess | None = None
     status: Connection | None = None  # the worker's reports (see worker.py), open while it lives
     started_at: float = 0.0
@@ -80,6 +97,9 @@ class _Slot:
     overdue: Call | None = None  # the stuck call it is being stopped for
     kill_at: float | None = None
     stopped: bool = False  # stopped by us (a stuck call): its exit is no crash
+    retiring: bool = False  # replaced by a rollover: stopped, and not restarted
+    discarded: bool = False  # a new worker of a refused rollover: stopped, and not restarted
+    retire_kill_at: float | None = None  # when a retiring worker that has not exited is killed
 
 
 class Supervisor:
@@ -91,7 +111,10 @@ class Supervisor:
         self._model_paths = list(model_paths)
         self._context = multiprocessing.get_context("spawn")
         server = settings.server
-        self._slots = [_Slot(index, CallBoard.create(self._context)) for index in range(server.max_workers)]
+        self._slots = [_Slot(index, CallBoard.create(self._context), position=index)
+                       for index in range(server.max_workers)]
+        self._next_index = server.max_workers
+        self._spare_boards: list[CallBoard] = []  # of retired slots, for the next new ones
         self._keeper = EntryKeeper(dispatcher_nodes(server, queue_tag(queue_index), timeout_s=COMMAND_TIMEOUT_S),
                                    server.claim_idle_ms)
         self._infer_fail = settings.error("InferFail")
@@ -112,9 +135,23 @@ class Supervisor:
         self._revisions: dict[str, str] = {}
         self._revision_at = 0.0
         self._loaded = False  # all first workers have been ready once: "serving" from then on
+        # Rollovers (rollout.py): the generation new and restarted workers start on, the rollover
+        # under way, and why the last one was refused.
+        self._generation = 0
+        self._generations = 0  # the last generation number given out
+        self._rollout: Rollout | None = None
+        self._refused_versions: dict[str, ServedVersion] | None = None  # not tried again by polling
+        self._reload_error = ""
+        self.reload_failures = 0
+        self._reload_wanted = False  # a reload (goinfer reload, SIGHUP) not started yet
+        self._reloads_seen = 0
+        self._hangup = False
+        self._watch: ModelWatch | None = None
+        self._heartbeat: Heartbeat | None = None
         self._metrics: MetricsServer | None = None
         if server.metrics_port:
-            self._metrics = MetricsServer(server.metrics_addr, server.metrics_port + queue_index, self.state)
+            self._metrics = MetricsServer(server.metrics_addr, server.metrics_port + queue_index, self.state,
+                                          lambda: self.reload_failures)
 
     def state(self) -> DispatcherHeartbeat:
         """What this dispatcher says about itself in its heartbeat and metrics; never a secret."""
@@ -127,7 +164,7 @@ class Supervisor:
             apis=tuple(self._apis),
             models=tuple(self._model_paths),
             max_workers=server.max_workers,
-            live_workers=sum(1 for slot in self._slots if slot.ready),
+            live_workers=sum(1 for slot in self._slots if slot.ready and not slot.retiring),
             restarts=self.restarts,
             metrics_port=server.metrics_port + self._queue_index if server.metrics_port else None,
             version=__version__,
@@ -138,6 +175,10 @@ class Supervisor:
             loading_s=0.0 if self._loaded else round(time.monotonic() - self._loading_since, 1),
             revisions=dict(self._revisions),
             revision_at=round(self._revision_at, 3),
+            devices=tuple(device for device in (device_for(server.devices, position)
+                                                for position in range(server.max_workers)) if device is not None),
+            rollout=self._rollout_text(),
+            reload_error=self._reload_error,
         )
 
     def _choose_versions(self) -> dict[str, ServedVersion]:
@@ -162,6 +203,7 @@ class Supervisor:
         Raises RedisRefused when Redis refuses the credentials (run_dispatcher makes it exit 2).
         """
         self._stop = StopSignals()
+        signal.signal(signal.SIGHUP, self._hung_up)  # a reload, not a stop
         server = self._settings.server
         log.info("dispatcher for queue %d: %d workers, redis at %s, models %s", self._queue_index,
                  server.max_workers, describe_redis(server), ", ".join(self._model_paths))
@@ -169,6 +211,7 @@ class Supervisor:
             self._metrics.prepare_workers()
             self._metrics.start()
         heartbeat = Heartbeat(server, dispatcher_key(socket.gethostname(), os.getpid()), self.state)
+        self._heartbeat = heartbeat
         try:
             return self._serve(heartbeat)
         finally:
@@ -186,6 +229,8 @@ class Supervisor:
             self._versions = self._choose_versions()
             for target, served in self._versions.items():
                 log.info("%s: serving version %d from %s", target, served.number, served.path)
+            for slot in self._slots:
+                slot.versions = dict(self._versions)
             self._loading_since = time.monotonic()
             for slot in self._slots:
                 self._spawn(slot)
@@ -193,10 +238,17 @@ class Supervisor:
             # take a minute to load from one that is absent.
             heartbeat.start()
             beating = True
+            self._watch = ModelWatch(self._settings.server, self._queue_index, self._bases())
+            self._watch.start()
+            if not self._settings.server.model_poll_s:
+                log.info("Server.ModelPollS is 0: new versions and reloads are taken on SIGHUP only")
             next_progress = time.monotonic() + LOADING_LOG_INTERVAL_S
             while not self._stop_requested:
                 self._step(probe)
-                if self._loaded or self._stop_requested:
+                if self._stop_requested:
+                    break
+                if self._loaded:
+                    self._lifecycle()
                     continue
                 if all(slot.ready for slot in self._slots):
                     self._loaded = True
@@ -213,6 +265,8 @@ class Supervisor:
         finally:
             if beating:
                 heartbeat.stop()  # first: readiness probes stop counting us while workers finish
+            if self._watch is not None:
+                self._watch.stop()
             self._stop_workers()
             self._keeper.stop()  # last: workers finishing their requests are still vouched for
         log.info("dispatcher for queue %d stopped", self._queue_index)
@@ -222,14 +276,14 @@ class Supervisor:
         """Wait for the next thing to happen (a report, a death, a restart or PING due) and handle it."""
         now = time.monotonic()
         probe.check(now)
-        for slot in self._slots:
+        for slot in list(self._slots):
             if slot.restart_at is not None and now >= slot.restart_at:
                 self._spawn(slot)
         timeout = WATCH_INTERVAL_S
         if not probe.answered:
             timeout = min(timeout, probe.next_at - now)
         for slot in self._slots:
-            for due in (slot.restart_at, slot.kill_at):
+            for due in (slot.restart_at, slot.kill_at, slot.retire_kill_at):
                 if due is not None:
                     timeout = min(timeout, due - now)
         reports = {slot.status: slot for slot in self._slots if slot.status is not None}
@@ -238,10 +292,10 @@ class Supervisor:
         if self._stop_requested:
             return
         for ready in happened:
-            if isinstance(ready, Connection) and ready in reports:
+            if isinstance(ready, Connection) and ready in reports and reports[ready].status is ready:
                 self._report(reports[ready])
         for ready in happened:
-            if isinstance(ready, int) and ready in deaths:
+            if isinstance(ready, int) and ready in deaths and deaths[ready].process is not None:
                 self._died(deaths[ready])
         self._stop_stuck(time.monotonic())
 
@@ -255,6 +309,11 @@ class Supervisor:
             process = slot.process
             if process is None:
                 continue
+            if slot.retire_kill_at is not None and now >= slot.retire_kill_at:
+                log.warning("worker %d (pid %s) did not stop within Server.ShutdownGraceS (%gs) after it was "
+                            "replaced; killing it", slot.index, process.pid, self._settings.server.shutdown_grace_s)
+                slot.retire_kill_at = None
+                process.kill()
             call = slot.board.read()
             if slot.overdue is not None and (call is None or call.started != slot.overdue.started):
                 slot.overdue = slot.kill_at = None  # it finished that call (and answered it) in the grace
@@ -274,20 +333,25 @@ class Supervisor:
                 process.kill()
 
     def _spawn(self, slot: _Slot) -> None:
+        """Start the slot's worker on its versions, with its position's device in its environment."""
         parent_end, child_end = self._context.Pipe(duplex=False)
+        device = device_for(self._settings.server.devices, slot.position)
         process = self._context.Process(
             target=worker_process_main,
             args=(self._settings, self._queue_index, self._model_paths, slot.index, child_end, self._reporter,
-                  slot.board, self._versions),
+                  slot.board, slot.versions, device),
             name=f"goinfer-worker-{self._queue_index}.{slot.index}",
             daemon=False,
         )
         slot.board.reset()  # what a killed predecessor was running is not this worker's call
-        start_child(process)
+        # Set around the start, not in the worker: the spawned interpreter imports the program
+        # (and maybe TensorFlow) before any code of ours runs in it.
+        with environment(placement_environment(device)):
+            start_child(process)
         child_end.close()
         slot.process, slot.status, slot.started_at = process, parent_end, time.monotonic()
         slot.initialised = slot.ready = slot.stopped = False
-        slot.restart_at = slot.overdue = slot.kill_at = None
+        slot.restart_at = slot.overdue = slot.kill_at = slot.retire_kill_at = None
         slot.consumer, slot.streams = "", ()
 
     def _report(self, slot: _Slot) -> None:
@@ -300,6 +364,9 @@ class Supervisor:
             slot.status = None
             return
         if kind == "failed":
+            if self._rollout is not None and slot is self._rollout.surge:
+                self._refuse(self._rollout, str(detail))
+                return
             raise InitFailed(f"worker {slot.index} could not initialise the models: {detail}")
         if kind == "refused":
             raise RedisRefused(detail)
@@ -312,9 +379,14 @@ class Supervisor:
             self._streams = list(detail.get("streams", self._streams))
             self._apis = list(detail.get("apis", self._apis))
             slot.consumer, slot.streams = str(detail.get("consumer", "")), tuple(detail.get("streams", ()))
+            if self._rollout is not None and slot is self._rollout.surge:
+                self._surge_ready(self._rollout, slot)
             revisions = dict(detail.get("revisions", {}))
-            if revisions != self._revisions:
+            # Only a worker of the generation new workers start on says what they serve: an old
+            # worker restarted during a rollover is about to be replaced.
+            if slot.generation == self._generation and revisions != self._revisions:
                 self._revisions, self._revision_at = revisions, time.time()
+                self._nudge()
             self._vouch()
 
     def _died(self, slot: _Slot) -> None:
@@ -333,8 +405,24 @@ class Supervisor:
         if code == EXIT_REDIS_REFUSED:
             raise RedisRefused(f"redis at {describe_redis(self._settings.server)} refuses worker {slot.index}; "
                                "see its log")
+        if slot.discarded:
+            self._remove(slot)
+            return
+        if slot.retiring:
+            log.info("worker %d (pid %s) replaced and stopped (exit code %s)", slot.index, process.pid, code)
+            if self._rollout is not None and self._rollout.retiring is slot:
+                self._rollout.retiring = None
+            self._remove(slot)
+            return
+        if self._rollout is not None and slot is self._rollout.surge:
+            phase = "before it was ready" if slot.initialised else "while loading its models"
+            self._refuse(self._rollout, f"worker {slot.index} exited with code {code} {phase}")
+            self._remove(slot)
+            return
         if not slot.initialised:
             raise InitFailed(f"worker {slot.index} exited with code {code} during init")
+        # Restarted on what new workers start on now: after (or during) a rollover, the new versions.
+        slot.versions, slot.generation = dict(self._versions), self._generation
         now = time.monotonic()
         if slot.stopped:
             self.restarts += 1
@@ -351,6 +439,163 @@ class Supervisor:
         log.error("worker %d (pid %s) died with exit code %s; restarting it in %.1fs", slot.index, process.pid,
                   code, delay)
         slot.restart_at = now + delay
+
+    # --- rollovers: new versions, reloads (rollout.py) ---------------------------------------------
+
+    def _hung_up(self, *_args: object) -> None:
+        self._hangup = True  # acted on by the watch loop, within WATCH_INTERVAL_S
+
+    def _bases(self) -> dict[str, tuple[str, int | None]]:
+        """Per model target with a ModelBasePath: that path and its pinned version."""
+        bases: dict[str, tuple[str, int | None]] = {}
+        for target in self._model_paths:
+            config = self._settings.model_config(target)
+            if config is not None and config.base_path:
+                bases[target] = (config.base_path, config.version)
+        return bases
+
+    def _lifecycle(self) -> None:
+        """Start a rollover when one is asked for or a new version appeared; move the current one on."""
+        found: dict[str, ServedVersion] = {}
+        if self._watch is not None:
+            found, reloads = self._watch.found()
+            if reloads != self._reloads_seen:
+                self._reloads_seen = reloads
+                self._reload_wanted = True
+                log.info("reload requested (goinfer reload)")
+        if self._hangup:
+            self._hangup = False
+            self._reload_wanted = True
+            log.info("reload requested (SIGHUP)")
+        if self._rollout is None:
+            if self._reload_wanted:
+                self._reload_wanted = False
+                self._reload()
+            else:
+                offered = {target: found.get(target, served) for target, served in self._versions.items()}
+                if offered != self._versions and offered != self._refused_versions:
+                    self._begin(offered)
+        self._advance()
+
+    def _reload(self) -> None:
+        """Roll every worker over to a fresh process: model code imported again, folders read again."""
+        try:
+            versions = self._choose_versions()
+        except VersionError as exc:
+            self._refused(f"reload refused: {exc}")
+            return
+        self._refused_versions = None  # a reload tries again what polling would not
+        self._begin(versions)
+
+    def _begin(self, versions: dict[str, ServedVersion]) -> None:
+        self._generations += 1
+        replaced = [slot for slot in self._slots if not (slot.retiring or slot.discarded)]
+        self._rollout = Rollout(self._generations, dict(versions), change_label(self._versions, versions),
+                                dict(self._versions), self._generation, len(replaced))
+        changes = ", ".join(f"{target} {self._versions[target].number} -> {served.number}"
+                            for target, served in versions.items()
+                            if target in self._versions and self._versions[target] != served)
+        log.info("rolling over %s%s: replacing %d workers one at a time", self._rollout.going,
+                 f" ({changes})" if changes else "", len(replaced))
+        self._nudge()
+
+    def _advance(self) -> None:
+        """Start the next new worker once the previous one is ready and its old one has exited."""
+        rollout = self._rollout
+        if rollout is None or rollout.surge is not None or rollout.retiring is not None:
+            return
+        old = next((slot for slot in self._slots if slot.generation != rollout.generation
+                    and not (slot.retiring or slot.discarded)), None)
+        if old is None:
+            self._rollout = None
+            if rollout.rollback:
+                log.warning("rolled back to %s", describe_versions(rollout.versions))
+            else:
+                self._reload_error = ""
+                log.info("rolled over %s: all %d workers replaced", rollout.going, len(self._slots))
+            self._nudge()
+            return
+        slot = _Slot(self._next_index, self._spare_boards.pop() if self._spare_boards else
+                     CallBoard.create(self._context), position=old.position, versions=dict(rollout.versions),
+                     generation=rollout.generation)
+        self._next_index += 1
+        self._slots.append(slot)
+        rollout.surge, rollout.replacing = slot, old
+        self._spawn(slot)
+        log.info("rolling over %s: starting worker %d (pid %s) to replace worker %d", rollout.going, slot.index,
+                 slot.process.pid if slot.process else "?", old.index)
+
+    def _surge_ready(self, rollout: Rollout, slot: _Slot) -> None:
+        """The new worker is ready: from now on new workers start on its versions; stop one old worker."""
+        if not rollout.proven:
+            rollout.proven = True
+            self._versions, self._generation = dict(rollout.versions), rollout.generation
+        rollout.moved += 1
+        old = rollout.replacing
+        rollout.surge = rollout.replacing = None
+        log.info("rolling over %s: worker %d ready (%d/%d), stopping worker %d", rollout.going, slot.index,
+                 rollout.moved, rollout.total, old.index if old is not None else -1)
+        if old is not None and self._retire(old):
+            rollout.retiring = old
+        self._nudge()
+
+    def _retire(self, slot: _Slot) -> bool:
+        """SIGTERM a replaced worker: it finishes what it holds and exits. False if none was running."""
+        slot.retiring = True
+        slot.restart_at = None
+        if slot.process is None:
+            self._remove(slot)
+            return False
+        slot.process.terminate()
+        slot.retire_kill_at = time.monotonic() + self._settings.server.shutdown_grace_s
+        return True
+
+    def _refuse(self, rollout: Rollout, reason: str) -> None:
+        """A new worker failed: the rollover stops, old workers serve on (moved ones are rolled back)."""
+        surge, rollout.surge, rollout.replacing = rollout.surge, None, None
+        if surge is not None:
+            surge.discarded = True
+            if surge.process is not None:
+                surge.process.terminate()
+        if rollout.rollback:
+            self._rollout = None
+            self._refused(f"rollback to {describe_versions(rollout.versions)} failed: {reason}")
+            return
+        self._refused_versions = dict(rollout.versions)
+        if rollout.proven:
+            # Some workers already serve the refused versions: bring them back to the previous ones.
+            self._versions, self._generation = dict(rollout.previous_versions), rollout.previous_generation
+            self._rollout = Rollout(rollout.previous_generation, dict(rollout.previous_versions),
+                                    f"rollback to {describe_versions(rollout.previous_versions)}",
+                                    dict(rollout.previous_versions), rollout.previous_generation, rollout.moved,
+                                    rollback=True, retiring=rollout.retiring, proven=True)
+        else:
+            self._rollout = None
+        self._refused(f"{rollout.label} refused: {reason}")
+
+    def _refused(self, text: str) -> None:
+        self.reload_failures += 1
+        self._reload_error = text
+        log.error("%s; the workers serve on with %s", text, describe_versions(self._versions) if self._versions
+                  else "the models loaded")
+        self._nudge()
+
+    def _remove(self, slot: _Slot) -> None:
+        """A retired or discarded slot is gone for good: its consumer is removed once it holds nothing."""
+        if slot in self._slots:
+            self._slots.remove(slot)
+            self._spare_boards.append(slot.board)
+        if self._watch is not None:
+            self._watch.retire(slot.consumer, slot.streams)
+        self._vouch()
+
+    def _rollout_text(self) -> str:
+        return self._rollout.text() if self._rollout is not None else ""
+
+    def _nudge(self) -> None:
+        """Beat now: what the heartbeat says about versions and rollovers changed."""
+        if self._heartbeat is not None:
+            self._heartbeat.nudge()
 
     def _vouch(self) -> None:
         """Tell the entry keeper which workers live now."""

@@ -62,8 +62,9 @@ class Worker:
 
     def __init__(self, settings: Settings, queue_index: int, models: Mapping[str, Model], consumer: str,
                  client: redis.Redis | None = None, outage: OutageLog | None = None,
-                 board: CallBoard | None = None) -> None:
+                 board: CallBoard | None = None, device: str | None = None) -> None:
         server = settings.server
+        self._device = device
         self._server = server
         self.runner = Runner(settings, models)
         self._policies = batch_policies(server, models)
@@ -114,7 +115,8 @@ class Worker:
     def run(self) -> None:
         """Serve until `stopping` is set, finishing the entries already taken; Redis outages are waited out."""
         batching = ", ".join(f"{api} up to {p.size} per {p.timeout_s * 1000:g} ms" for api, p in self._policies.items())
-        log.info("worker %s reading %s%s", self.stream.consumer, ", ".join(self.streams),
+        log.info("worker %s reading %s%s%s", self.stream.consumer, ", ".join(self.streams),
+                 f" on device {self._device}" if self._device is not None else "",
                  f"; batching {batching}" if batching else "")
         pending: list[Pending] = []
         # What Redis has delivered to this consumer but the worker does not hold: at start, what the
@@ -131,7 +133,10 @@ class Worker:
                     self._send_again()
                 if recover_own and not pending:
                     pending, recover_own = self._reclaimer.own(), False
-                pending = pending or self._reclaimer.due() or self.stream.read()
+                if not pending and not self.stopping:
+                    # Told to stop: nothing new is taken. What the last read brought (it may have
+                    # been under way when the stop came) is in `pending`, and served first.
+                    pending = self._reclaimer.due() or self.stream.read()
                 if pending:
                     # Handed over: if serving them fails on Redis, what was answered is in
                     # _unsent and the rest is still pending with us (recovered by `own`), so
@@ -316,13 +321,17 @@ def _tell(status: Connection, message: tuple[str, Any]) -> None:
 
 def worker_process_main(settings: Settings, queue_index: int, model_paths: list[str], worker_index: int,
                         status: Connection, reporter: SharedInt | None = None,
-                        board: CallBoard | None = None, versions: Mapping[str, ServedVersion] | None = None) -> None:
+                        board: CallBoard | None = None, versions: Mapping[str, ServedVersion] | None = None,
+                        device: str | None = None) -> None:
     """Entry point of a spawned worker: init and warm up the models (on the version folders the
-    supervisor chose), wait for Redis, report to the supervisor, serve."""
+    supervisor chose; on `device`, already set in its environment), wait for Redis, report to the
+    supervisor, serve."""
     setup_logging()
     # Ctrl-C reaches the supervisor, which stops us; the supervisor starts us with SIGINT already
     # ignored (goinfer.processes.start_child), this covers a worker started some other way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGHUP asks the supervisor for a reload; a hangup of the terminal must not kill the workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         registry = ModelRegistry()
         registry.extend_from_paths(model_paths)
@@ -339,7 +348,8 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
     _tell(status, ("initialised", {"revisions": revisions}))
 
     outage = OutageLog(settings.server, worker_index, f"worker {worker_index}", reporter)
-    worker = Worker(settings, queue_index, models, consumer_name(worker_index), outage=outage, board=board)
+    worker = Worker(settings, queue_index, models, consumer_name(worker_index), outage=outage, board=board,
+                    device=device)
 
     def stop(signum: int, frame: object) -> None:
         worker.stopping = True
