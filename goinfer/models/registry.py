@@ -90,7 +90,8 @@ def check_model_class(cls: object, where: str | None = None) -> type[Model]:
         raise ModelError(f"model {label} does not define {', '.join(missing)}")
     path = getattr(cls, "api_path", None)
     if path is None:
-        raise ModelError(f"model {label} does not define api_path (e.g. api_path = \"/api/{label.lower()}\")")
+        raise ModelError(f"model {label} does not define api_path (e.g. api_path = \"/api/{label.lower()}\"), "
+                         "and its Models: entry gives it no ApiPath")
     if not isinstance(path, str) or not (path.startswith("/") or path.startswith(NOAPI_PREFIX)):
         raise ModelError(f"model {label}: api_path must start with '/' or '{NOAPI_PREFIX}', got {path!r}")
     if not isinstance(cls.queue, str):
