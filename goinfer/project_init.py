@@ -219,8 +219,16 @@ Server:
     # with exit status 1, so that systemd or Kubernetes sees a crash-looping model.
     WorkerRestartLimit: 5
     WorkerRestartWindowS: 60
+    # goinfer: every ModelPollS seconds a dispatcher looks for a newer version folder of each model
+    # with a ModelBasePath, and for a `goinfer reload`; it then rolls its workers over one at a
+    # time (0 = only on SIGHUP).
+    ModelPollS: 2
+    # goinfer: [] leaves the workers' environment as it is; cpu hides every GPU; [0, 1] spreads
+    # the workers over GPUs 0 and 1, each worker seeing only its own (CUDA_VISIBLE_DEVICES).
+    Devices: []
 
-# goinfer: models served by the `goinfer` command, as "package.module:ClassName".
+# goinfer: models served by the `goinfer` command, as "package.module:ClassName", or as a mapping
+# with Class and how it is served (ModelBasePath, ModelVersion, Warmup, Cache: see the README).
 Models:
     - $model
 

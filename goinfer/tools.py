@@ -207,13 +207,26 @@ def check_published(settings: Settings) -> CheckResult:
 def check_models(settings: Settings) -> CheckResult:
     """The models the `goinfer` command would serve import and define every hook."""
     from goinfer.models.registry import ModelError, resolve_models
+    from goinfer.models.versions import VersionError, choose_version
 
     try:
         registry = resolve_models(settings.models)
     except ModelError as exc:
         return CheckResult("models", False, f"{settings.path}: Models: {exc}")
     routes = ", ".join(cls.api_path for cls in registry.classes)
-    return CheckResult("models", True, f"{len(registry)}: {routes}")
+    # Version folders matter where dispatchers run, which may be other machines: a warning here.
+    versions, missing = [], []
+    for config in settings.model_configs:
+        if config.base_path:
+            try:
+                versions.append(f"{config.target} version {choose_version(config.base_path, config.version).number}")
+            except VersionError as exc:
+                missing.append(f"{config.target}: {exc}")
+    if missing:
+        return CheckResult("models", True, f"{len(registry)}: {routes}; no version to serve on this machine: "
+                                           f"{'; '.join(missing)} (a dispatcher here would stop)", warning=True)
+    served = f"; {', '.join(versions)}" if versions else ""
+    return CheckResult("models", True, f"{len(registry)}: {routes}{served}")
 
 
 def check_sm2_key(settings: Settings) -> CheckResult:

@@ -83,5 +83,6 @@ def test_status_without_a_tier_is_one_line_and_exit_1(tmp_path, redis_server):
     result = subprocess.run([sys.executable, "-m", "goinfer", "status", "--yaml", str(settings)], env=process_env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"goinfer: error: cannot reach {url_of(settings)}: Connection refused", result.stderr
+    expected = f"goinfer: error: cannot reach {url_of(settings)}: Connection refused"
+    assert result.stderr.strip() == expected, result.stderr
     assert "Traceback" not in result.stderr

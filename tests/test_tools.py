@@ -150,6 +150,24 @@ def test_check_fails_on_a_model_with_a_wrong_signature(tmp_path, redis_server):
     )
 
 
+def test_check_names_the_versions_a_dispatcher_here_would_serve(tmp_path, redis_server):
+    base = tmp_path / "models"
+    (base / "3").mkdir(parents=True)
+    entry = {"Class": "sample_models:VersionedAnswer", "ModelBasePath": str(base)}
+    settings = write_settings(tmp_path, redis_server.address, API=fresh_api(fresh_credentials()), Models=[entry])
+    done = goinfer("check", "--yaml", str(settings))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _lines(done)["models"] == "models: ok (1: /api/versioned; sample_models:VersionedAnswer version 3)"
+
+    pinned = write_settings(tmp_path, redis_server.address, name="pinned.yaml", API=fresh_api(fresh_credentials()),
+                            Models=[{**entry, "ModelVersion": 4}])
+    done = goinfer("check", "--yaml", str(pinned))
+    assert done.returncode == 0, done.stdout + done.stderr  # the folders may live on the dispatchers' machines
+    line = _lines(done)["models"]
+    assert line.startswith("models: WARNING: 1: /api/versioned; no version to serve on this machine: "
+                           f"sample_models:VersionedAnswer: ModelVersion 4 is not under {base}"), line
+
+
 def test_check_names_a_bad_model_path(tmp_path, redis_server):
     settings = write_settings(tmp_path, redis_server.address,
                               Models=["goinfer.models.echo:Echo", "sample_models:NoSuchModel"])
