@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -13,7 +14,8 @@ import pytest
 
 from goinfer import Model
 from goinfer.client import Client
-from goinfer.models.registry import ModelError, ModelRegistry, import_model
+from goinfer.models.echo import Echo
+from goinfer.models.registry import ModelError, ModelRegistry, check_model_class, import_model
 
 from conftest import APP_ID, APP_SECRET, SM2_PRIVATE_KEY, TESTS, free_port, url_of, wait_until, write_settings
 
@@ -224,3 +226,28 @@ def test_quick_start_model_next_to_the_settings_file(tmp_path, redis_server, pro
     processes.http(settings, program=script, env=env)
     api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SM2", sm2_private_key=SM2_PRIVATE_KEY)
     assert api.call("/api/reverse", {"text": "hello"})["reversed"] == "olleh!"
+
+
+def test_a_model_keeps_a_config_of_its_own_and_a_warmup_hook_is_checked(tmp_path):
+    """`config`, `warmup` and `cache_key` are goinfer's names on a Model now: a class of before
+    that used `config` for itself keeps it (a plain entry sets nothing), and a `warmup` that
+    cannot be called as goinfer calls it is refused at registration, not at the worker's start."""
+    from goinfer.models.registry import instantiate
+    from goinfer.settings import parse_settings
+
+    class OwnConfig(Echo):
+        api_path = "/api/own-config"
+        config = {"threshold": 3}  # type: ignore[assignment]
+
+    [model] = instantiate([OwnConfig], parse_settings("Models: []")).values()
+    assert model.config == {"threshold": 3}
+    model.warmup()  # no Warmup entry: nothing to run, and no error on the user's own config
+
+    class NeedsArgument(Echo):
+        api_path = "/api/needs-argument"
+
+        def warmup(self, rounds):  # type: ignore[override]
+            pass
+
+    with pytest.raises(ModelError, match=re.escape("warmup must accept warmup(self)")):
+        check_model_class(NeedsArgument)

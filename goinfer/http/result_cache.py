@@ -34,7 +34,7 @@ from goinfer.http.metrics import HttpMetrics
 from goinfer.http.revisions import RevisionFollower
 from goinfer.models.base import Model
 from goinfer.queue import result_cache_key
-from goinfer.settings import CacheSettings, Settings
+from goinfer.settings import CacheSettings, ModelConfig, Settings
 
 log = logging.getLogger("goinfer.http")
 
@@ -194,7 +194,7 @@ class ResultCache:
         self.models: dict[str, ModelCache] = {}
         for path, model in models.items():
             config = model.config
-            if config is not None and config.cache.enabled:
+            if isinstance(config, ModelConfig) and config.cache.enabled:
                 namespace = model.queue or settings.server.queue_name
                 self.models[path] = ModelCache(path, namespace, config.cache, self)
         self._client: AnyRedis | None = None

@@ -5,10 +5,9 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from goinfer.settings import ModelConfig
+from goinfer.settings import ModelConfig
 
 NOAPI_PREFIX = "__noapi__"
 
@@ -108,7 +107,8 @@ class Model(abc.ABC):
 
     def warmup(self) -> None:
         """Run sample requests before serving; an exception here fails the worker's start like `init`."""
-        samples = [dict(params) for params in (*self.warmup_params, *(self.config.warmup if self.config else ()))]
+        entry = self.config.warmup if isinstance(self.config, ModelConfig) else ()
+        samples = [dict(params) for params in (*self.warmup_params, *entry)]
         if not samples:
             return
         if self.supports_batching():

@@ -114,6 +114,8 @@ HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "api_entry": ("data",),
     "infer": ("request_id", "params"),
     "infer_batch": ("batch",),
+    "warmup": (),
+    "cache_key": ("params",),
 }
 
 
@@ -216,7 +218,9 @@ def instantiate(classes: Iterable[type[Model]], settings: object,
         model.settings = settings
         target = import_path_of(cls)
         model_config = getattr(settings, "model_config", None)
-        model.config = model_config(target) if callable(model_config) else None
+        config = model_config(target) if callable(model_config) else None
+        if config is not None:  # else a `config` of the user's own class stays as it was
+            model.config = config
         served = (versions or {}).get(target)
         if served is not None:
             model.version, model.version_path = served.number, served.path
