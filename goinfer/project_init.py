@@ -170,6 +170,9 @@ API:
     # goinfer: one INFO line per answered request on the logger "goinfer.access":
     # method, path, appId, code, latency, requestId. false: no line, no cost.
     AccessLog: true
+    # goinfer: the priority lane (high, normal, low) of every request of these appIds, instead of
+    # live requests high, jobs normal, batch rows low; e.g. { 3EA25569454745D01219080B779F021F: low }
+    AppIdPriority: {}
     HttpWorkers: 1 # goinfer: HTTP processes sharing the port (SO_REUSEPORT); `http --workers N` overrides
     BodyReadTimeoutS: 30 # goinfer: a body not received within this is refused with BodyTimeout (9712)
     # goinfer: refuse a signature already seen within the timestamp window with Replayed (9807).
@@ -226,6 +229,10 @@ Server:
     # goinfer: [] leaves the workers' environment as it is; cpu hides every GPU; [0, 1] spreads
     # the workers over GPUs 0 and 1, each worker seeing only its own (CUDA_VISIBLE_DEVICES).
     Devices: []
+    # goinfer: an asynchronous job (POST /goinfer/jobs<api_path>) waits and runs at most JobTimeout
+    # seconds (MessageTimeout does not apply); its answer is kept JobResultTTLS seconds.
+    JobTimeout: 3600
+    JobResultTTLS: 86400
 
 # goinfer: models served by the `goinfer` command, as "package.module:ClassName", or as a mapping
 # with Class and how it is served (ModelBasePath, ModelVersion, Warmup, Cache: see the README).

@@ -12,8 +12,9 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -46,6 +47,26 @@ RELOAD_KEY = f"goinfer:reload:{DISPATCHERS_TAG}"
 
 # The shared level of the result cache: one string per answer, with the model's CacheTTLS.
 RESULT_CACHE_PREFIX = "goinfer:cache:"
+
+# Priority lanes. Beside each stream (go-infer's name: the lane of live, synchronous requests)
+# are two more, for work nobody waits on at once: asynchronous jobs, then offline batch rows.
+# Workers take from the highest lane that holds something, so a batch of a million rows never
+# makes live requests wait for more than the batch a worker already holds. The lanes of a
+# stream share its hash tag (its queue's slot).
+PRIORITY_HIGH = "high"
+PRIORITY_NORMAL = "normal"
+PRIORITY_LOW = "low"
+PRIORITIES = (PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW)  # the order workers read them in
+
+# Asynchronous jobs: a job is a request whose answer is kept in a hash (`job_key`) instead of
+# sent to a waiting HTTP process, so any tier can answer a poll of it, later, after restarts.
+JOB_KEY_PREFIX = "goinfer:job:"
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+JOB_EXPIRED = "expired"  # its JobTimeout passed before a worker took it
+JOB_STATES = (JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_EXPIRED)
 
 # Cluster-wide counters per stream, a hash incremented by workers in the pipeline that
 # acknowledges the entries concerned, so every HTTP tier can show the totals.
@@ -165,6 +186,123 @@ def streams_for(default_queue: str, model_queues: Iterable[str | None], indexes:
     return [stream_name(base, index) for base in ordered for index in indexes]
 
 
+# How every sender puts a request on a stream (the HTTP tier, `goinfer batch`), in one atomic
+# round trip: refuse a replayed signature (KEYS[2], when given, SET NX EX ARGV[3]), refuse when
+# the stream holds MaxQueueLength (ARGV[1]) entries, else XADD the Job (ARGV[2]) under JOB_FIELD
+# (ARGV[4]). Returns QUEUED, QUEUE_FULL or REPLAYED.
+ENQUEUE_SCRIPT = """
+if #KEYS > 1 and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  return -2
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  if #KEYS > 1 then redis.call('DEL', KEYS[2]) end
+  return -1
+end
+redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[2])
+return 1
+"""
+ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest()
+QUEUED, QUEUE_FULL, REPLAYED = 1, -1, -2
+
+
+def lane_stream(stream: str, priority: str) -> str:
+    """The stream of `priority`'s lane beside `stream` (which is the high lane itself)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
+    return stream if priority == PRIORITY_HIGH else f"{stream}:{priority}"
+
+
+def with_lanes(streams: Iterable[str]) -> list[str]:
+    """Every lane of `streams`, highest priority first: what a worker reads, in that order."""
+    streams = list(streams)
+    return [lane_stream(stream, priority) for priority in PRIORITIES for stream in streams]
+
+
+_JOB_ID = re.compile(r"([0-9]{8}[0-9a-f]{32})\.([0-9]{1,4})")
+
+
+def job_id(request_id: str, index: int) -> str:
+    """The id a client polls a job by: its request id and its queue number, which names the
+    slot its record lives in (any tier can find it)."""
+    return f"{request_id}.{index}"
+
+
+def parse_job_id(text: str) -> tuple[str, int] | None:
+    """(request id, queue number) of a job id; None for anything else (answered "not found")."""
+    match = _JOB_ID.fullmatch(text) if isinstance(text, str) else None
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def job_key(request_id: str, index: int) -> str:
+    """The hash holding a job's state and answer, in its queue's slot: the worker writes the
+    answer in the same MULTI/EXEC that acknowledges the entry."""
+    return f"{JOB_KEY_PREFIX}{queue_tag(index)}:{request_id}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's hash, as the HTTP tier writes it at submission and workers update it.
+
+    Fields are text (HSET): `state`; `app_id` (who may read it); `api`; `created`, `started`,
+    `finished` (unix times); `reply`, the Reply JSON once it is done or failed. The hash expires
+    Server.JobResultTTLS after the answer (or the expiry), JobTimeout + JobResultTTLS after
+    submission while it waits.
+    """
+
+    state: str
+    app_id: str
+    api: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    reply: Reply | None = None
+
+    def fields(self) -> dict[str, str]:
+        body = {"state": self.state, "app_id": self.app_id, "api": self.api, "created": repr(self.created)}
+        if self.started is not None:
+            body["started"] = repr(self.started)
+        if self.finished is not None:
+            body["finished"] = repr(self.finished)
+        if self.reply is not None:
+            body["reply"] = self.reply.encode()
+        return body
+
+    @classmethod
+    def decode(cls, raw: Mapping[bytes | str, bytes | str]) -> JobRecord | None:
+        """The record in an HGETALL answer; None when it is empty or not a job's."""
+        text = {_str(k): _str(v) for k, v in raw.items()}
+        if text.get("state") not in JOB_STATES or "app_id" not in text or "api" not in text:
+            return None
+        try:
+            reply = Reply.decode(text["reply"]) if "reply" in text else None
+            return cls(text["state"], text["app_id"], text["api"], float(text.get("created", 0)),
+                       _float_or_none(text.get("started")), _float_or_none(text.get("finished")), reply)
+        except (KeyError, ValueError, TypeError):
+            return None
+
+
+def job_started_fields(now: float) -> dict[str, str]:
+    """What a worker sets when it starts a job."""
+    return {"state": JOB_RUNNING, "started": repr(now)}
+
+
+def job_finished_fields(reply: str, code: int, now: float) -> dict[str, str]:
+    """What a worker sets with the answer (`reply`, an encoded Reply whose code is `code`)."""
+    return {"state": JOB_DONE if code == 0 else JOB_FAILED, "finished": repr(now), "reply": reply}
+
+
+def job_expired_fields(now: float) -> dict[str, str]:
+    return {"state": JOB_EXPIRED, "finished": repr(now)}
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def choose_queue(queue_amount: int) -> int:
     """A uniformly random queue number of the `RequestQueueAmount`, as go-infer spreads requests
     (for requests without a replay key; see `replay_target`)."""
@@ -183,12 +321,17 @@ class Job:
     # The sender's tier_alive_key, when it keeps one: a worker skips the job once it has expired.
     # None from senders that keep none, whose jobs are never skipped for it.
     alive_key: str | None = None
+    # An asynchronous job's record (job_key): the answer is written there, not sent to reply_to
+    # (which is ""); the job has no waiting client, so never an alive_key.
+    job_key: str | None = None
 
     def encode(self) -> str:
         body: dict[str, Any] = {"id": self.id, "api": self.api, "params": self.params, "reply_to": self.reply_to,
                                 "deadline": self.deadline}
         if self.alive_key is not None:
             body["alive"] = self.alive_key
+        if self.job_key is not None:
+            body["job"] = self.job_key
         return _dumps(body, "params")
 
     @classmethod
@@ -206,6 +349,7 @@ class Job:
             reply_to=str(fields["reply_to"]),
             deadline=float(fields["deadline"]),
             alive_key=str(fields["alive"]) if isinstance(fields.get("alive"), str) else None,
+            job_key=str(fields["job"]) if isinstance(fields.get("job"), str) else None,
         )
 
     def expired(self, now: float | None = None) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from goinfer.errors import DEFAULT_ERROR_CODES, ErrorCode
+from goinfer.queue import PRIORITIES
 
 log = logging.getLogger("goinfer.settings")
 
@@ -81,6 +82,9 @@ class ApiSettings:
     reject_replay: bool = False
     shutdown_drain_s: float = 1.0
     access_log: bool = True
+    # The priority lane of every request of these appIds (PRIORITIES: high, normal, low), instead
+    # of the lane of its kind (live requests high, jobs normal, batch rows low).
+    app_id_priority: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ class ServerSettings:
     # How often a dispatcher looks for a new version under each model's ModelBasePath and for a
     # `goinfer reload`; 0: only on SIGHUP. A new version is rolled out one worker at a time.
     model_poll_s: float = 2.0
+    # An asynchronous job waits and runs at most this long (it is not bound by MessageTimeout);
+    # its answer is kept JobResultTTLS after it is done, failed or expired.
+    job_timeout: float = 3600.0
+    job_result_ttl_s: float = 86400.0
     # Where workers run: () leaves the environment as it is; ("cpu",) hides every GPU; ("0", "1")
     # spreads workers over those GPUs, each worker seeing only its own (CUDA_VISIBLE_DEVICES).
     devices: tuple[str, ...] = ()
@@ -154,6 +162,14 @@ class Settings:
     def error(self, name: str) -> ErrorCode:
         """The code and message configured for one of the `ErrCode` names."""
         return self.err_code[name]
+
+    def priority_of(self, kind: str, app_id: str = "", config: ModelConfig | None = None) -> str:
+        """The lane of a request: its appId's API.AppIdPriority, else its model's Priority, else
+        `kind`'s own (PRIORITY_HIGH for live requests, NORMAL for jobs, LOW for batch rows)."""
+        chosen = self.api.app_id_priority.get(app_id)
+        if chosen is None and isinstance(config, ModelConfig):
+            chosen = config.priority
+        return chosen or kind
 
     def model_config(self, target: str) -> ModelConfig | None:
         """The settings of the model served as `target` (see `models`); None for a plain entry."""
@@ -186,6 +202,7 @@ class ModelConfig:
     version: int | None = None  # pinned; None serves the highest number under base_path
     warmup: tuple[dict[str, Any], ...] = ()  # params each worker runs through the model before serving
     cache: CacheSettings = field(default_factory=CacheSettings)
+    priority: str | None = None  # the lane of all its requests (PRIORITIES); None: by their kind
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -299,7 +316,22 @@ def _devices(value: Any) -> tuple[str, ...]:
     return tuple(devices)
 
 
-_MODEL_KEYS = ("Class", "ApiPath", "ModelBasePath", "ModelVersion", "Warmup", "Cache")
+_MODEL_KEYS = ("Class", "ApiPath", "ModelBasePath", "ModelVersion", "Warmup", "Cache", "Priority")
+
+
+def _priority(value: Any) -> str:
+    text = _string(value).lower()
+    if text not in PRIORITIES:
+        raise _Bad(f"expected one of {', '.join(PRIORITIES)}, got", value)
+    return text
+
+
+def _priority_map(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Bad("expected a mapping of appId to high, normal or low, got", value)
+    return {_string(k): _priority(v) for k, v in value.items()}
 _CACHE_KEYS: dict[str, tuple[str, Check]] = {"Size": ("size", _int(0)), "TTLS": ("ttl_s", _number())}
 
 
@@ -365,6 +397,7 @@ def _model_config(raw: dict) -> ModelConfig:
         version=version,
         warmup=tuple(dict(params) for params in warmup),
         cache=cache,
+        priority=None if raw.get("Priority") is None else _nested(where, "Priority", _priority, raw["Priority"]),
         options={key: value for key, value in raw.items() if key not in _MODEL_KEYS},
     )
 
@@ -410,6 +443,7 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
     "RejectReplay": ("reject_replay", _bool),
     "ShutdownDrainS": ("shutdown_drain_s", _number()),
     "AccessLog": ("access_log", _bool),
+    "AppIdPriority": ("app_id_priority", _priority_map),
 }
 
 _SERVER_KEYS: dict[str, tuple[str, Check]] = {
@@ -438,6 +472,8 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "WorkerRestartLimit": ("worker_restart_limit", _int(0)),
     "WorkerRestartWindowS": ("worker_restart_window_s", _number(positive=True)),
     "ModelPollS": ("model_poll_s", _number()),
+    "JobTimeout": ("job_timeout", _number(positive=True)),
+    "JobResultTTLS": ("job_result_ttl_s", _number(positive=True)),
     "Devices": ("devices", _devices),
 }
 

@@ -11,7 +11,6 @@ whether each request certainly did not run (NotQueued: SendMsgFail may be answer
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import logging
 from collections.abc import Coroutine
@@ -23,24 +22,9 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError, ResponseError
 
 from goinfer.http.replication import ReplicaWait
+from goinfer.queue import ENQUEUE_SCRIPT, ENQUEUE_SHA, QUEUED
 
 log = logging.getLogger("goinfer.http.queue")
-
-# One round trip, atomic: refuse a replayed signature, refuse when the queue is full, else queue.
-ENQUEUE_SCRIPT = """
-if #KEYS > 1 and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
-  return -2
-end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  if #KEYS > 1 then redis.call('DEL', KEYS[2]) end
-  return -1
-end
-redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[2])
-return 1
-"""
-ENQUEUE_SHA = hashlib.sha1(ENQUEUE_SCRIPT.encode()).hexdigest()
-QUEUED, QUEUE_FULL, REPLAYED = 1, -1, -2
-
 
 class NotQueued(Exception):
     """An enqueue that certainly did not happen: its command never reached Redis, or Redis

@@ -41,10 +41,19 @@ from redis.exceptions import AskError
 
 from goinfer.cluster_clients import AsyncClusterNodes, as_redis_error, is_relocation
 from goinfer.connections import RedisRefused, async_client, is_out_of_memory, refusal
-from goinfer.http.enqueue import QUEUE_FULL, REPLAYED, EnqueueBatcher, MaybeQueued, NotQueued, spawn
+from goinfer.http.enqueue import EnqueueBatcher, MaybeQueued, NotQueued, spawn
 from goinfer.http.redis_health import ClusterHealth, RedisHealth, is_unreachable
 from goinfer.http.replication import ReplicaWait
-from goinfer.queue import JOB_FIELD, TIER_ALIVE_REFRESH_S, TIER_ALIVE_TTL_S, Reply, reply_key, tier_alive_key
+from goinfer.queue import (
+    JOB_FIELD,
+    QUEUE_FULL,
+    REPLAYED,
+    TIER_ALIVE_REFRESH_S,
+    TIER_ALIVE_TTL_S,
+    Reply,
+    reply_key,
+    tier_alive_key,
+)
 from goinfer.redis_address import describe_redis
 from goinfer.settings import ServerSettings
 
