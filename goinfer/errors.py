@@ -48,6 +48,10 @@ GOINFER_ERROR_CODES: dict[str, ErrorCode] = {
     "TooManyUnverified": ErrorCode(9713, "too many unverified requests in progress, try again later"),
     # Each model's api_entry runs in a bounded thread pool (API.ApiEntryThreads, API.MaxWaitingApiEntries).
     "ApiEntryBusy": ErrorCode(9714, "api entry busy, try again later"),
+    # Asynchronous jobs (POST /goinfer/jobs<api_path>): one that waited past Server.JobTimeout, and
+    # one that is unknown, expired from Redis, or another appId's (the same answer for all three).
+    "JobExpired": ErrorCode(9715, "job expired before a worker took it"),
+    "JobNotFound": ErrorCode(9716, "job not found"),
 }
 
 DEFAULT_ERROR_CODES: dict[str, ErrorCode] = {**GO_INFER_ERROR_CODES, **GOINFER_ERROR_CODES}

@@ -262,6 +262,8 @@ ErrCode:
     Replayed: { code: 9807, msg: "request already received" } # goinfer
     TooManyUnverified: { code: 9713, msg: "too many unverified requests in progress, try again later" } # goinfer
     ApiEntryBusy: { code: 9714, msg: "api entry busy, try again later" } # goinfer
+    JobExpired: { code: 9715, msg: "job expired before a worker took it" } # goinfer
+    JobNotFound: { code: 9716, msg: "job not found" } # goinfer
 
 # Free key-values for your models (self.customer in a Model).
 Customer: {

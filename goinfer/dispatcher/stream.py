@@ -24,7 +24,18 @@ from redis.exceptions import RedisError, ResponseError
 
 from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.connections import is_out_of_memory
-from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, entry_time_ms, stats_key
+from goinfer.queue import (
+    CONSUMER_GROUP,
+    JOB_FIELD,
+    REPLY_TTL_S,
+    Job,
+    Reply,
+    entry_time_ms,
+    job_expired_fields,
+    job_finished_fields,
+    job_started_fields,
+    stats_key,
+)
 
 log = logging.getLogger("goinfer.worker")
 
@@ -86,13 +97,14 @@ class StreamConsumer:
     """One consumer (worker) of the group on its streams."""
 
     def __init__(self, client: redis.Redis | NodeClients, streams: list[str], consumer: str,
-                 read_count: int = 1) -> None:
+                 read_count: int = 1, job_result_ttl_s: float = 86400.0) -> None:
         # All the streams are one queue's: on a Redis Cluster, one slot, so one primary serves
         # every command here, a MULTI/EXEC included.
         self.nodes = node_clients(client)
         self.streams = list(streams)
         self.consumer = consumer
         self.read_count = read_count
+        self._job_ttl = max(1, round(job_result_ttl_s))
         # Cluster-wide counters (stats_key) not yet written: they ride on the next `finish`.
         self._stats: Counter[tuple[str, str]] = Counter()
 
@@ -147,10 +159,19 @@ class StreamConsumer:
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("MULTI")
+        now = time.time()
         for item, reply in done:
-            if reply is not None and item.job is not None:
-                pipe.rpush(item.job.reply_to, reply)
-                pipe.expire(item.job.reply_to, REPLY_TTL_S)
+            job = item.job
+            if job is not None and job.job_key is not None:
+                # An asynchronous job: its answer goes to its record, for whoever polls it; one
+                # acknowledged unanswered has waited past its JobTimeout.
+                fields: dict[Any, Any] = job_expired_fields(now) if reply is None else \
+                    job_finished_fields(reply, Reply.decode(reply).code, now)
+                pipe.hset(job.job_key, mapping=fields)
+                pipe.expire(job.job_key, self._job_ttl)
+            elif reply is not None and job is not None:
+                pipe.rpush(job.reply_to, reply)
+                pipe.expire(job.reply_to, REPLY_TTL_S)
             pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
             pipe.xdel(item.stream, item.entry_id)
         stats = list(self._stats.items())
@@ -177,6 +198,17 @@ class StreamConsumer:
         _report_failures(done, stats, executed)
         return following
 
+    def start_jobs(self, items: list[Pending]) -> None:
+        """Mark the asynchronous jobs among `items` running, before they run (one round trip)."""
+        keys = [item.job.job_key for item in items if item.job is not None and item.job.job_key is not None]
+        if not keys:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        started: dict[Any, Any] = job_started_fields(time.time())
+        for key in keys:
+            pipe.hset(key, mapping=started)
+        pipe.execute()
+
     def _decode(self, batch: Any) -> list[Pending]:
         return [decode_entry(stream, entry_id, fields) for stream, entries in batch or ()
                 for entry_id, fields in entries]
@@ -188,11 +220,11 @@ def _report_failures(done: list[Done], stats: list[tuple[tuple[str, str], int]],
     the rest of it."""
     results = iter(executed or ())
     for item, reply in done:
-        sent = reply is not None and item.job is not None
+        sent = item.job is not None and (reply is not None or item.job.job_key is not None)
         error = next((r for r in [next(results, None) for _ in range(4 if sent else 2)] if isinstance(r, Exception)),
                      None)
         if error is not None:
-            where = item.job.reply_to if item.job is not None else item.stream
+            where = (item.job.job_key or item.job.reply_to) if item.job is not None else item.stream
             log.error("request %s: its reply could not be stored on %s: %s",
                       item.job.id if item.job is not None else item.entry_id, where, error)
     for ((stream, name), _count), outcome in zip(stats, results, strict=False):

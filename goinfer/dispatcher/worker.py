@@ -71,7 +71,7 @@ class Worker:
         streams = streams_for(server.queue_name, [m.queue or None for m in models.values()], [queue_index],
                               with_default=True)
         self.stream = StreamConsumer(client or dispatcher_nodes(server, queue_tag(queue_index)), streams, consumer,
-                                     read_size(self._policies))
+                                     read_size(self._policies), server.job_result_ttl_s)
         self._tiers = TierWatch(self.stream.nodes)
         self._reclaimer = Reclaimer(self.stream, server, lambda job: self.runner.error_reply(job, "DeadLettered"))
         # What this worker runs, for the supervisor, which keeps its entries fresh and stops it
@@ -264,6 +264,7 @@ class Worker:
         return False
 
     def _run(self, work: Work[Pending]) -> list[str]:
+        self.stream.start_jobs(work.items)
         queued = [_queued_ms(item) for item in work.items]
         jobs = [item.job for item in work.items if item.job is not None]
         self._board.begin([(self._stream_index.get(item.stream, -1), item.entry_id) for item in work.items],
