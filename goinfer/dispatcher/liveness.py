@@ -12,7 +12,8 @@ Being alive is not enough: a model that never returns would hold its requests fo
 each model call the worker writes on its CallBoard, in memory shared with the supervisor, what
 it is running and for how long it may run (its model's `max_infer_seconds`, else
 `Server.MaxInferSeconds`, else `Server.MessageTimeout`, after which no client still waits for
-the answer). Writing costs no system call, so it is done for every call. A call past its limit
+the answer; for asynchronous jobs, whose clients poll, their own deadline: JobTimeout). Writing
+costs no system call, so it is done for every call. A call past its limit
 is stuck: the supervisor stops that worker and answers the call's requests InferFail
 (`settle_overdue`); they are never run again.
 """
@@ -32,7 +33,7 @@ from redis.exceptions import RedisError
 
 from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.models.base import Model
-from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job
+from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, Reply, job_finished_fields
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -46,6 +47,7 @@ REFRESH_SCAN = 10_000
 REFRESH_MAX_INTERVAL_S = 1.0
 COMMAND_TIMEOUT_S = 2.0
 _READ_TRIES = 1000
+JOB_MIN_LIMIT_S = 1.0
 
 
 def infer_limit_s(server: ServerSettings, model: Model | type[Model] | None = None) -> float:
@@ -64,6 +66,34 @@ def infer_limit_s(server: ServerSettings, model: Model | type[Model] | None = No
 def infer_limits(server: ServerSettings, models: Mapping[str, Model]) -> dict[str, float]:
     """`infer_limit_s` of every model, keyed by api path."""
     return {path: infer_limit_s(server, model) for path, model in models.items()}
+
+
+def set_limits(server: ServerSettings, models: Mapping[str, Model]) -> dict[str, float | None]:
+    """Per api path, the limit someone set (the model's `max_infer_seconds`, else a non-zero
+    `Server.MaxInferSeconds`); None where the limit is only MessageTimeout's default."""
+    limits: dict[str, float | None] = {}
+    for path, model in models.items():
+        own = getattr(model, "max_infer_seconds", None)
+        limits[path] = float(own) if own is not None else (float(server.max_infer_seconds) or None)
+    return limits
+
+
+def call_limit_s(limit_s: float, set_limit_s: float | None, jobs: Sequence[Job], now: float) -> float:
+    """How long one call for `jobs` may run: `limit_s`, unless asynchronous jobs are among them.
+
+    A job's client does not wait (it polls), so MessageTimeout means nothing to it: without a
+    limit set for the model (`set_limit_s`), a call of jobs may run until the latest of their
+    deadlines (JobTimeout after submission; at least JOB_MIN_LIMIT_S, so that a job taken just
+    before its deadline is not stopped at once), and never less than `limit_s` when live
+    requests share the call. A limit set on purpose binds jobs too.
+    """
+    if set_limit_s is not None:
+        return set_limit_s
+    remaining = [job.deadline - now for job in jobs if job.job_key is not None]
+    if not remaining:
+        return limit_s
+    own = max(max(remaining), JOB_MIN_LIMIT_S)
+    return own if len(remaining) == len(jobs) else max(own, limit_s)
 
 
 def refresh_interval_s(claim_idle_ms: int) -> float:
@@ -253,7 +283,7 @@ class EntryKeeper:
 
 
 def settle_overdue(client: redis.Redis, consumer: str, streams: Sequence[str], call: Call,
-                   reply: Callable[[Job], str]) -> list[Job]:
+                   reply: Callable[[Job], str], job_result_ttl_s: float = 86400.0) -> list[Job]:
     """Answer (`reply`) and acknowledge the entries of a stuck call that its stopped worker still held.
 
     Call it once the worker is dead, before its slot is restarted: a restarted worker would take
@@ -277,7 +307,13 @@ def settle_overdue(client: redis.Redis, consumer: str, streams: Sequence[str], c
         if not pending:
             continue  # answered by the worker before it stopped
         job = _job_of(entries)
-        if job is not None:
+        if job is not None and job.job_key is not None:  # an asynchronous job: the answer goes to its record
+            answer = reply(job)
+            fields: dict[Any, Any] = job_finished_fields(answer, Reply.decode(answer).code, time.time())
+            pipe.hset(job.job_key, mapping=fields)
+            pipe.expire(job.job_key, max(1, round(job_result_ttl_s)))
+            answered.append(job)
+        elif job is not None:
             pipe.rpush(job.reply_to, reply(job))
             pipe.expire(job.reply_to, REPLY_TTL_S)
             answered.append(job)

@@ -78,7 +78,8 @@ def claim_stale(consumer: StreamConsumer, min_idle_ms: int, max_deliveries: int,
         return []  # the group is (re)created by the worker's next read
     deliveries = {(s.stream, s.entry_id): s.deliveries for s in stale}
     again: list[Pending] = []
-    for stream in sorted({s.stream for s in stale}):
+    holding = {s.stream for s in stale}
+    for stream in [name for name in consumer.streams if name in holding]:  # highest lane first
         ids: list[Any] = [s.entry_id for s in stale if s.stream == stream]
         claimed: Any = consumer.client.xclaim(stream, CONSUMER_GROUP, consumer.consumer, min_idle_ms, ids)
         for entry_id, fields in claimed:

@@ -8,6 +8,9 @@ so every request is answered at least once, and Redis at maxmemory, which refuse
 would accept XACK, refuses the whole transaction, so no entry is acknowledged with its reply
 lost (RepliesRefused: the worker keeps the replies and tries again). The last replies of a
 round and the next read share one round trip.
+
+The streams are read as priority lanes, highest first (lanes.py): a read takes from the first
+stream that holds entries, and blocks on all of them only when none does.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.connections import is_out_of_memory
+from goinfer.dispatcher.lanes import READ_LANES_SCRIPT, decode_lanes_answer, read_lanes_args
 from goinfer.queue import (
     CONSUMER_GROUP,
     JOB_FIELD,
@@ -94,19 +98,23 @@ def decode_entry(stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, by
 
 
 class StreamConsumer:
-    """One consumer (worker) of the group on its streams."""
+    """One consumer (worker) of the group on its streams, read as lanes in the order given."""
 
     def __init__(self, client: redis.Redis | NodeClients, streams: list[str], consumer: str,
                  read_count: int = 1, job_result_ttl_s: float = 86400.0) -> None:
         # All the streams are one queue's: on a Redis Cluster, one slot, so one primary serves
-        # every command here, a MULTI/EXEC included.
+        # every command here, a MULTI/EXEC and the lanes' script included.
         self.nodes = node_clients(client)
-        self.streams = list(streams)
+        self.streams = list(streams)  # highest priority first
         self.consumer = consumer
         self.read_count = read_count
         self._job_ttl = max(1, round(job_result_ttl_s))
         # Cluster-wide counters (stats_key) not yet written: they ride on the next `finish`.
         self._stats: Counter[tuple[str, str]] = Counter()
+        # Whether the lanes held no undelivered entry at the last look: then the next read is a
+        # blocking one on all lanes (which cannot take a low entry before a waiting high one);
+        # otherwise it is the script that takes from the highest lane first.
+        self._drained = True
 
     @property
     def client(self) -> redis.Redis:
@@ -140,11 +148,51 @@ class StreamConsumer:
         return any(_text(group["name"]) == CONSUMER_GROUP for group in groups)
 
     def read(self, count: int | None = None, block_ms: int | None = READ_BLOCK_MS) -> list[Pending]:
-        """New entries for this consumer; `block_ms=None` polls without waiting."""
-        return self._decode(self.client.xreadgroup(
-            CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams},
-            count=count or self.read_count, block=block_ms,
-        ))
+        """New entries for this consumer, from the highest lane that holds some; `block_ms=None`
+        polls without waiting, otherwise waits on every lane when all are empty."""
+        count = count or self.read_count
+        if block_ms is None or not self._drained:
+            taken = self._poll(count)
+            if taken or block_ms is None:
+                return taken
+        pipe = self.client.pipeline(transaction=False)
+        self._queue_blocking_read(pipe, count, block_ms)
+        return self._blocking_read_result(pipe.execute(raise_on_error=False))
+
+    def _poll(self, count: int) -> list[Pending]:
+        """The lanes' script: entries of the highest lane that has some (one round trip)."""
+        args = read_lanes_args(self.streams, CONSUMER_GROUP, self.consumer, count)
+        try:
+            answer = self.client.execute_command("EVALSHA", *args)
+        except NoScriptError:  # Redis restarted (or flushed its scripts): load it again
+            self.client.script_load(READ_LANES_SCRIPT)
+            answer = self.client.execute_command("EVALSHA", *args)
+        return self._lanes_result(answer)
+
+    def _lanes_result(self, answer: Any) -> list[Pending]:
+        streams, more = decode_lanes_answer(answer)
+        self._drained = not more
+        return self._decode(streams)
+
+    def _queue_blocking_read(self, pipe: Any, count: int, block_ms: int) -> None:
+        """Wait on every lane, then ask (same round trip) whether entries are left undelivered."""
+        pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams}, count=count, block=block_ms)
+        pipe.execute_command("EVALSHA", *read_lanes_args(self.streams, CONSUMER_GROUP, self.consumer, 0))
+
+    def _blocking_read_result(self, results: list[Any]) -> list[Pending]:
+        """What `_queue_blocking_read` put at the end of a pipeline's results: its entries."""
+        read, probe = results[-2], results[-1]
+        if isinstance(read, Exception):
+            raise read
+        if isinstance(probe, Exception):
+            if isinstance(probe, NoScriptError):
+                self.client.script_load(READ_LANES_SCRIPT)
+            else:
+                log.debug("could not ask whether entries wait: %s", probe)
+            self._drained = False  # do not know: the next read takes the highest lane first
+        else:
+            self._drained = not decode_lanes_answer(probe)[1]
+        return self._decode(read)
 
     def count(self, stream: str, stat: str) -> None:
         """Add one to a cluster-wide counter of `stream`, written with the next `finish`."""
@@ -178,17 +226,23 @@ class StreamConsumer:
         for (stream, name), count in stats:
             pipe.hincrby(stats_key(stream), name, count)
         pipe.execute_command("EXEC")
-        if read_next:
-            pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams},
-                            count=self.read_count, block=READ_BLOCK_MS)
+        # The next read: while entries wait, the lanes' script (highest lane first); once the
+        # lanes are drained, the blocking read on all of them, as one round trip either way.
+        blocking = read_next and self._drained
+        if blocking:
+            self._queue_blocking_read(pipe, self.read_count, READ_BLOCK_MS)
+        elif read_next:
+            pipe.execute_command("EVALSHA", *read_lanes_args(self.streams, CONSUMER_GROUP, self.consumer,
+                                                               self.read_count))
         results = pipe.execute(raise_on_error=False)
         if isinstance(results[0], Exception):  # MULTI itself refused (an ACL): what followed ran bare
             raise results[0]
-        read = results.pop() if read_next else None
-        executed, queued = results[-1], results[1:-1]
         # The read is allowed at maxmemory and ran whatever became of the transaction; one that
         # failed (a group lost with Redis's data) fails again, and is handled, at the next read.
-        following = [] if read is None or isinstance(read, Exception) else self._decode(read)
+        following = self._following(results, blocking, read_next)
+        if read_next:
+            del results[-2 if blocking else -1:]
+        executed, queued = results[-1], results[1:-1]
         if isinstance(executed, Exception):  # EXECABORT: Redis refused a command, so ran none
             refused = next((r for r in queued if isinstance(r, Exception)), executed)
             if is_out_of_memory(refused):
@@ -197,6 +251,23 @@ class StreamConsumer:
         self._stats.clear()  # written (when refused they are kept for the next round trip)
         _report_failures(done, stats, executed)
         return following
+
+    def _following(self, results: list[Any], blocking: bool, read_next: bool) -> list[Pending]:
+        """The entries the read at the end of `finish`'s round trip took; [] when it failed."""
+        if not read_next:
+            return []
+        try:
+            if blocking:
+                return self._blocking_read_result(results)
+            if isinstance(results[-1], NoScriptError):
+                self.client.script_load(READ_LANES_SCRIPT)
+            if isinstance(results[-1], Exception):
+                self._drained = False
+                return []
+            return self._lanes_result(results[-1])
+        except (RedisError, OSError):
+            self._drained = False
+            return []
 
     def start_jobs(self, items: list[Pending]) -> None:
         """Mark the asynchronous jobs among `items` running, before they run (one round trip)."""

@@ -610,7 +610,8 @@ class Supervisor:
             return Reply(job.id, self._infer_fail.code, f"{self._infer_fail.msg} : {detail}").encode()
 
         try:
-            answered = settle_overdue(self._keeper.client, slot.consumer, slot.streams, call, reply)
+            answered = settle_overdue(self._keeper.client, slot.consumer, slot.streams, call, reply,
+                                      self._settings.server.job_result_ttl_s)
         except (RedisError, OSError) as exc:
             self._keeper.nodes.lost(exc)
             log.error("could not answer the requests of worker %d's stuck call (%s): they will run again",

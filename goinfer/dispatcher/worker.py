@@ -3,7 +3,9 @@
 Workers are started with the `spawn` method, so each one is a fresh interpreter: safe for
 TensorFlow, which hangs in a process forked after it ran. A worker handles one request (or one
 batch) at a time; concurrency comes from running `MaxWorkers` of them, each its own consumer in
-the group. The parts live beside this loop: the stream protocol (stream.py), crash recovery
+the group. It reads every priority lane of its streams and serves the highest first (lanes.py),
+so batch rows never keep live requests waiting for more than what the worker already holds.
+The parts live beside this loop: the stream protocol (stream.py), crash recovery
 (reclaim.py), batching decisions (batching.py), running models (runner.py), and waiting out
 Redis (outage.py).
 
@@ -34,7 +36,8 @@ from goinfer.cluster_clients import hash_tag
 from goinfer.connections import RedisRefused, refusal
 from goinfer.dispatcher import metrics
 from goinfer.dispatcher.batching import Work, batch_policies, fill, plan, read_size
-from goinfer.dispatcher.liveness import CallBoard, infer_limit_s, infer_limits
+from goinfer.dispatcher.lanes import lane_ranks
+from goinfer.dispatcher.liveness import CallBoard, call_limit_s, infer_limit_s, infer_limits, set_limits
 from goinfer.dispatcher.orphans import TierWatch
 from goinfer.dispatcher.outage import Backoff, OutageLog, SharedInt, dispatcher_nodes
 from goinfer.dispatcher.reclaim import Reclaimer, find_stale
@@ -44,7 +47,7 @@ from goinfer.logs import setup_logging
 from goinfer.models.base import Model
 from goinfer.models.registry import ModelRegistry, instantiate
 from goinfer.models.versions import ServedVersion
-from goinfer.queue import STAT_DEADLINE_DROPPED, STAT_ORPHANED, queue_tag, streams_for
+from goinfer.queue import STAT_DEADLINE_DROPPED, STAT_ORPHANED, queue_tag, streams_for, with_lanes
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.worker")
@@ -70,8 +73,10 @@ class Worker:
         self._policies = batch_policies(server, models)
         streams = streams_for(server.queue_name, [m.queue or None for m in models.values()], [queue_index],
                               with_default=True)
-        self.stream = StreamConsumer(client or dispatcher_nodes(server, queue_tag(queue_index)), streams, consumer,
-                                     read_size(self._policies), server.job_result_ttl_s)
+        # Every priority lane of those streams, highest first: live requests, jobs, batch rows.
+        self.stream = StreamConsumer(client or dispatcher_nodes(server, queue_tag(queue_index)), with_lanes(streams),
+                                     consumer, read_size(self._policies), server.job_result_ttl_s)
+        self._ranks = lane_ranks(streams)
         self._tiers = TierWatch(self.stream.nodes)
         self._reclaimer = Reclaimer(self.stream, server, lambda job: self.runner.error_reply(job, "DeadLettered"))
         # What this worker runs, for the supervisor, which keeps its entries fresh and stops it
@@ -80,6 +85,9 @@ class Worker:
         self._board = board or CallBoard.private()
         self._limits = infer_limits(server, models)
         self._default_limit = infer_limit_s(server)
+        # Per api path, a limit set on purpose (the model's, or Server.MaxInferSeconds): it binds
+        # jobs too; without one, a job may run until its own deadline (JobTimeout).
+        self._own_limits = set_limits(server, models)
         self._stream_index = {name: index for index, name in enumerate(self.stream.streams)}
         self._outage = outage or OutageLog(server, 0, f"worker {consumer}")
         self._backoff = Backoff()
@@ -191,7 +199,9 @@ class Worker:
                    f"the HTTP process waiting for them is gone ({', '.join(sorted(gone))} expired)")
         unsent += [(item, None) for item in expired + orphaned]
         refused = False
-        for work in plan(runnable, _api, self._policies):
+        # Highest lane first: live requests taken together with batch rows (one blocking read
+        # can return both) are answered before the rows run.
+        for work in self._plan(runnable):
             if unsent and not refused:  # at maxmemory they wait for the batch's last send
                 try:
                     self._send(unsent)
@@ -200,6 +210,13 @@ class Worker:
                     refused = True
             unsent += zip(work.items, self._run(work), strict=True)
         return unsent
+
+    def _plan(self, runnable: list[Pending]) -> list[Work[Pending]]:
+        """The model calls for `runnable`, lane by lane from the highest (each lane as `plan` orders it)."""
+        ranks = sorted({self._ranks.get(item.stream, 0) for item in runnable})
+        return [work for rank in ranks
+                for work in plan([item for item in runnable if self._ranks.get(item.stream, 0) == rank], _api,
+                                 self._policies)]
 
     def _skip(self, items: list[Pending], stat: str, counter: Any, why: str) -> None:
         """Acknowledge unrun (with the next send) and count requests nobody waits for; one log line."""
@@ -268,7 +285,8 @@ class Worker:
         queued = [_queued_ms(item) for item in work.items]
         jobs = [item.job for item in work.items if item.job is not None]
         self._board.begin([(self._stream_index.get(item.stream, -1), item.entry_id) for item in work.items],
-                          self._limits.get(work.api, self._default_limit))
+                          call_limit_s(self._limits.get(work.api, self._default_limit), self._own_limits.get(work.api),
+                                       jobs, time.time()))
         try:
             if work.batched:
                 return self.runner.execute_batch(self.runner.models[work.api], jobs, queued)
