@@ -14,10 +14,12 @@ import ipaddress
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from goinfer.client import Client, GoinferError, SignType
+from goinfer.client import JOBS_PREFIX, Client, GoinferError, JobHandle, JobNotDone, SignType
 from goinfer.published import published_verdict
 from goinfer.settings import Settings, load_settings
 
@@ -41,9 +43,11 @@ __all__ = [
     "check_sm2_key",
     "client_for",
     "default_url",
+    "job_result",
     "new_keypair",
     "parse_data",
     "run_checks",
+    "submit_job",
 ]
 
 
@@ -113,9 +117,32 @@ def client_for(settings: Settings, *, url: str | None = None, sign_type: SignTyp
 
 def call(client: Client, api_path: str, data: dict[str, Any]) -> dict[str, Any]:
     """The answer's `data`; GoinferError for an error envelope, ToolError when none came back."""
-    where = client.url + api_path
-    try:
+    with _reaching(client, client.url + api_path):
         return client.call(api_path, data)
+
+
+def submit_job(client: Client, api_path: str, data: dict[str, Any]) -> JobHandle:
+    """`call` as an asynchronous job: its handle, at once (the same errors as `call`)."""
+    with _reaching(client, client.url + JOBS_PREFIX + api_path):
+        return client.submit(api_path, data)
+
+
+def job_result(handle: JobHandle, timeout: float | None = None) -> dict[str, Any]:
+    """The job's answer data, polled for until it has one: GoinferError when it failed or
+    expired, ToolError when no tier answers or `timeout` passes."""
+    where = f"{handle.client.url}{JOBS_PREFIX}/{handle.job_id}"
+    with _reaching(handle.client, where):
+        try:
+            return handle.result(timeout)
+        except JobNotDone as exc:
+            raise ToolError(f"{exc}; it goes on: poll it again later by its id") from None
+
+
+@contextmanager
+def _reaching(client: Client, where: str) -> Iterator[None]:
+    """What reaching the HTTP tier can fail with, as one ToolError line each."""
+    try:
+        yield
     except GoinferError:
         raise
     except json.JSONDecodeError:

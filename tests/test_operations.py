@@ -20,7 +20,7 @@ from goinfer.client import Client, GoinferError
 from goinfer.http.server import build_app
 from goinfer.models.echo import Echo
 from goinfer.models.registry import ModelRegistry
-from goinfer.queue import stream_name
+from goinfer.queue import stream_name, with_lanes
 from goinfer.settings import load_settings
 
 from conftest import (
@@ -148,9 +148,9 @@ def test_metrics_status_and_access_log(tmp_path, redis_server, processes):
     mine = [d for d in body["dispatchers"] if d["pid"] == server.process.pid]
     assert len(mine) == 1, body["dispatchers"]
     assert mine[0]["live_workers"] == 1 and mine[0]["max_workers"] == 1
-    assert mine[0]["streams"] == [queue] and mine[0]["models"] == OPS_MODELS
+    assert mine[0]["streams"] == with_lanes([queue]) and mine[0]["models"] == OPS_MODELS  # live, jobs, batch
     assert set(mine[0]["apis"]) == {"/api/echo", "/api/record"}
-    assert [q["name"] for q in body["queues"]] == [queue]
+    assert [q["name"] for q in body["queues"]] == [queue, f"{queue}:normal", f"{queue}:low"]
     raw = json.dumps(body)
     assert APP_SECRET not in raw and SM2_PRIVATE_KEY not in raw and "AppIdSecret" not in raw
 

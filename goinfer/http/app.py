@@ -7,6 +7,7 @@ failure on that way is answered in the envelope with its code; none becomes a tr
 500. Each answer is counted (metrics.py) and, with API.AccessLog, is one line on the
 `goinfer.access` logger (with `version=` and, when the cache answered, `cache=`).
 GET /health, /ready, /metrics, /goinfer/status: ops.py.
+POST /goinfer/jobs<api_path>, GET or POST /goinfer/jobs/<job id>: asynchronous jobs, jobs.py.
 
 The event loop serves every client, so nothing a request brings runs long on it: bodies that
 are not cheap to check are checked in check processes (offload.py), with a bound on how many are
@@ -20,9 +21,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -39,13 +40,25 @@ from goinfer.http.queue_client import QueueClient, QueueFull, Replayed, ReplyTim
 from goinfer.http.result_cache import ModelCache, ResultCache
 from goinfer.http.signing import SignatureChecker, SignCheckFailure, SignedRequest
 from goinfer.models.base import NOAPI_PREFIX, Model
-from goinfer.queue import Job, Reply, choose_queue, replay_target, revision_version, stream_name, streams_for
+from goinfer.queue import (
+    PRIORITY_HIGH,
+    Job,
+    Reply,
+    choose_queue,
+    lane_stream,
+    replay_target,
+    revision_version,
+    stream_name,
+    streams_for,
+)
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
 # One INFO line per answered request; filter or silence it by this name, or with API.AccessLog.
 access_log = logging.getLogger("goinfer.access")
 VERSION_HEADER = "X-Goinfer-Model-Version"
+JOBS_PREFIX = "/goinfer/jobs"  # asynchronous jobs' routes (jobs.py)
+T = TypeVar("T")
 
 @dataclass
 class TierState:
@@ -99,12 +112,12 @@ class ApiHandler:
         self._max_queue = server.max_queue_length
         self._reject_replay = settings.api.reject_replay
         # A signature can be replayed while its timestamp is accepted: either side of "now".
-        self._replay_ttl = int(2 * settings.api.request_timestamp_diff) + 1
+        self.replay_ttl = int(2 * settings.api.request_timestamp_diff) + 1
         self._body_timeout = settings.api.body_read_timeout_s
         self._cache = cache
         self._cache_key_failed: set[str] = set()  # models whose cache_key raised: logged once
 
-    def _fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
+    def fail(self, name: str, app_id: str = "", request_id: str = "", detail: str = "",
               status: int = 200, code: int | None = None) -> Outcome:
         """The envelope of ErrCode `name`, with `detail` after its message; `code` is a model's
         own (an ApiError's), answered with the message of `name` as its prefix."""
@@ -130,33 +143,20 @@ class ApiHandler:
         return outcome.response
 
     async def _serve(self, model: Model, request: web.Request) -> Outcome:
-        signed = await self._receive(request)
+        signed = await self.receive(request)
         if isinstance(signed, Outcome):
             return signed
 
         app_id = signed.app_id
         request_id = envelope.new_request_id()
         arrived = time.time()
-        pool = self.entry_pools.get(model.api_path)
-        replay: str | None = None
-        if self._reject_replay:
-            index, replay = replay_target(app_id, signed.sign_data, self._queue_amount)
-        else:
-            index = choose_queue(self._queue_amount)
+        index, replay = self.queue_of(signed)
         cache = self._cache.of(model.api_path) if self._cache is not None else None
-        try:
-            if pool is None:
-                payload, key_text = self._job_of(model, signed.data, request_id, arrived, index, cache)
-            else:
-                payload, key_text = await pool.run(functools.partial(self._job_of, model, signed.data, request_id,
-                                                                     arrived, index, cache))
-        except EntryBusy as exc:
-            return self._fail("ApiEntryBusy", app_id, request_id, str(exc))
-        except ApiError as exc:
-            return self._fail("ApiEntryFail", app_id, request_id, exc.msg, code=exc.code)
-        except Exception as exc:
-            log.exception("api_entry of %s failed (requestId %s)", type(model).__name__, request_id)
-            return self._fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
+        entered = await self.run_entry(model, app_id, request_id, functools.partial(
+            self._job_of, model, signed.data, request_id, arrived, index, cache))
+        if isinstance(entered, Outcome):
+            return entered
+        payload, key_text = entered
 
         if cache is not None and key_text is not None:
             hit = await cache.lookup(key_text)
@@ -167,28 +167,54 @@ class ApiHandler:
                 return Outcome(envelope.success(app_id, request_id, hit.data), 0, app_id, request_id,
                                revision=hit.revision, cached=hit.level)
 
-        stream = stream_name(model.queue or self._default_queue, index)
+        stream = self.stream_of(model, index, app_id, PRIORITY_HIGH)
         try:
-            reply = await self._queue.submit(stream, request_id, payload, self._timeout, replay, self._replay_ttl)
+            reply = await self._queue.submit(stream, request_id, payload, self._timeout, replay, self.replay_ttl)
         except SendFailure as exc:
             if not exc.reported:  # an outage or refused credentials are logged once, not per request
                 log.warning("cannot queue request %s on %s: %s", request_id, stream, exc)
-            return self._fail("SendMsgFail", app_id, request_id, str(exc))
+            return self.fail("SendMsgFail", app_id, request_id, str(exc))
         except QueueFull:
-            return self._fail("QueueFull", app_id, request_id, f"{stream} holds {self._max_queue} requests")
+            return self.fail("QueueFull", app_id, request_id, f"{stream} holds {self._max_queue} requests")
         except Replayed:
-            return self._fail("Replayed", app_id, request_id)
+            return self.fail("Replayed", app_id, request_id)
         except ReplyTimeout:
-            return self._fail("QueueTimeout", app_id, request_id)
+            return self.fail("QueueTimeout", app_id, request_id)
         if reply.code != 0:
             return Outcome(envelope.failure(app_id, request_id, reply.code, reply.msg), reply.code, app_id,
                            request_id, reply, reply.revision)
         if not isinstance(reply.data, dict):
-            return self._fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
+            return self.fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
         response = envelope.success(app_id, request_id, reply.data)
         if cache is not None and key_text is not None and reply.revision:
             cache.store(reply.revision, key_text, reply.data)  # under what computed it, never another
         return Outcome(response, 0, app_id, request_id, reply, reply.revision)
+
+    def queue_of(self, signed: SignedRequest) -> tuple[int, str | None]:
+        """The queue number of a request and, with RejectReplay, its replay key (from its signature)."""
+        if self._reject_replay:
+            return replay_target(signed.app_id, signed.sign_data, self._queue_amount)
+        return choose_queue(self._queue_amount), None
+
+    def stream_of(self, model: Model, index: int, app_id: str, kind: str) -> str:
+        """The stream a request of `kind` (PRIORITY_HIGH for live requests, NORMAL for jobs) is
+        queued on: its model's queue number `index`, in the lane its appId or model asks for."""
+        lane = self._settings.priority_of(kind, app_id, model.config)
+        return lane_stream(stream_name(model.queue or self._default_queue, index), lane)
+
+    async def run_entry(self, model: Model, app_id: str, request_id: str, work: Callable[[], T]) -> T | Outcome:
+        """`work` (which calls model.api_entry) in the model's api_entry threads (on the event loop
+        with ApiEntryThreads 0); its failure as the answer to send."""
+        pool = self.entry_pools.get(model.api_path)
+        try:
+            return work() if pool is None else await pool.run(work)
+        except EntryBusy as exc:
+            return self.fail("ApiEntryBusy", app_id, request_id, str(exc))
+        except ApiError as exc:
+            return self.fail("ApiEntryFail", app_id, request_id, exc.msg, code=exc.code)
+        except Exception as exc:
+            log.exception("api_entry of %s failed (requestId %s)", type(model).__name__, request_id)
+            return self.fail("ApiEntryFail", app_id, request_id, str(exc) or type(exc).__name__)
 
     async def _claim_replay(self, replay: str | None, app_id: str, request_id: str) -> Outcome | None:
         """With RejectReplay, a cached answer refuses a replayed signature as a queued one does:
@@ -198,11 +224,11 @@ class ApiHandler:
             return None
         assert self._cache is not None
         try:
-            fresh = await self._cache.claim_replay(replay, self._replay_ttl)
+            fresh = await self._cache.claim_replay(replay, self.replay_ttl)
         except Exception as exc:  # noqa: BLE001 - redis-py, OSError, timeouts: the request cannot be checked
             reason = str(exc) or type(exc).__name__
-            return self._fail("SendMsgFail", app_id, request_id, f"replay check failed: {reason}")
-        return None if fresh else self._fail("Replayed", app_id, request_id)
+            return self.fail("SendMsgFail", app_id, request_id, f"replay check failed: {reason}")
+        return None if fresh else self.fail("Replayed", app_id, request_id)
 
     def _job_of(self, model: Model, data: dict, request_id: str, arrived: float, index: int,
                 cache: ModelCache | None) -> tuple[str, str | None]:
@@ -234,7 +260,7 @@ class ApiHandler:
             return None
         return key
 
-    async def _receive(self, request: web.Request) -> SignedRequest | Outcome:
+    async def receive(self, request: web.Request) -> SignedRequest | Outcome:
         """The body, read and checked: what the request costs before its signature is known good.
 
         A body that is not cheap to check is checked in a check process, once it has a place in
@@ -251,7 +277,7 @@ class ApiHandler:
                                              or request.headers.get("Content-Encoding")):
             refused = self._admission.enter(client)
             if refused is not None:
-                outcome = self._fail("TooManyUnverified", detail=refused, status=429)
+                outcome = self.fail("TooManyUnverified", detail=refused, status=429)
                 outcome.response.force_close()  # rather than read and discard the body it refused
                 return outcome
             admitted = True
@@ -265,19 +291,19 @@ class ApiHandler:
             if not admitted:
                 refused = self._admission.enter(client)
                 if refused is not None:
-                    return self._fail("TooManyUnverified", detail=refused, status=429)
+                    return self.fail("TooManyUnverified", detail=refused, status=429)
                 admitted = True
             return await self._check_pool.check(body, now)
         except SignCheckFailure as refused_body:
-            return self._fail(refused_body.code_name, detail=refused_body.detail)
+            return self.fail(refused_body.code_name, detail=refused_body.detail)
         except CheckUnavailable as exc:
-            return self._fail("TooManyUnverified", detail=f"{exc}; try again", status=429)
+            return self.fail("TooManyUnverified", detail=f"{exc}; try again", status=429)
         finally:
             if admitted:
                 self._admission.leave(client)
 
     def _too_large(self) -> Outcome:
-        return self._fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
+        return self.fail("BodyTooLarge", detail=f"limit is {self._max_body} bytes", status=413)
 
     async def _read_body(self, request: web.Request) -> bytes | Outcome:
         length = request.content_length
@@ -288,16 +314,18 @@ class ApiHandler:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         except asyncio.TimeoutError:
-            return self._fail("BodyTimeout", detail=f"{self._body_timeout:g}s", status=408)
+            return self.fail("BodyTimeout", detail=f"{self._body_timeout:g}s", status=408)
         except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a gzip body that does not inflate
-            return self._fail("SignFail1", detail=f"unreadable body: {exc}")
+            return self.fail("SignFail1", detail=f"unreadable body: {exc}")
         if len(body) > self._max_body:  # chunked or compressed bodies have no Content-Length to check
             return self._too_large()
         return body
 
     async def not_found(self, request: web.Request) -> web.Response:
-        routed = request.path in self._models
-        outcome = self._fail("MethodNotAllowed" if routed else "UnknownApiPath", status=405 if routed else 404)
+        # A model's path, or its job submission path (/goinfer/jobs<api_path>): POST only.
+        routed = request.path in self._models or (request.path.startswith(JOBS_PREFIX)
+                                                  and request.path[len(JOBS_PREFIX):] in self._models)
+        outcome = self.fail("MethodNotAllowed" if routed else "UnknownApiPath", status=405 if routed else 404)
         self._metrics.observe(request.path if routed else UNROUTED, outcome.code, None)
         if self._access_log:
             # raw_path: percent-encoded as sent, so a path cannot forge log lines.
@@ -348,6 +376,9 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     app.router.add_get("/", hello)
     for path in routed:
         app.router.add_post(path, api.post)
+    from goinfer.http.jobs import JobRoutes  # it builds on ApiHandler: imported here, not in a cycle
+
+    JobRoutes(settings, routed, api, queue, metrics).add_routes(app)
     ops.add_routes(app, routed)  # before the catch-all, which would answer them 404
     app.router.add_route("*", "/{tail:.*}", api.not_found)
 

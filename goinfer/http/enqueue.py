@@ -11,6 +11,7 @@ whether each request certainly did not run (NotQueued: SendMsgFail may be answer
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 from collections.abc import Coroutine
@@ -25,6 +26,41 @@ from goinfer.http.replication import ReplicaWait
 from goinfer.queue import ENQUEUE_SCRIPT, ENQUEUE_SHA, QUEUED
 
 log = logging.getLogger("goinfer.http.queue")
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script sent by EVALSHA: the batcher loads it again when Redis has lost it."""
+
+    text: str
+    sha: str
+
+    @classmethod
+    def of(cls, text: str) -> Script:
+        return cls(text, hashlib.sha1(text.encode()).hexdigest())
+
+
+ENQUEUE = Script(ENQUEUE_SCRIPT, ENQUEUE_SHA)
+
+# An asynchronous job is its record and its entry, written by one script so that they never
+# disagree: a record whose entry was refused (replayed, queue full) or never sent would say
+# "queued" until it expired, and an entry without its record would run for nobody to read. The
+# checks are ENQUEUE_SCRIPT's, in its order; then HSET + EXPIRE the record, then XADD.
+# KEYS: stream, job record[, replay key]. ARGV: MaxQueueLength, the Job, replay TTL, JOB_FIELD,
+# the record's TTL, then the record's field/value pairs. Returns QUEUED, QUEUE_FULL or REPLAYED.
+JOB_ENQUEUE = Script.of("""
+if #KEYS > 2 and not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then
+  return -2
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  if #KEYS > 2 then redis.call('DEL', KEYS[3]) end
+  return -1
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[2])
+return 1
+""")
 
 class NotQueued(Exception):
     """An enqueue that certainly did not happen: its command never reached Redis, or Redis
@@ -50,6 +86,7 @@ class _Enqueue:
     keys: list[str]
     args: list[Any]
     future: asyncio.Future[Any]
+    script: Script = ENQUEUE
     packed: list[bytes] = field(default_factory=list)
 
     def fail(self, failure: Exception) -> None:
@@ -79,13 +116,13 @@ class EnqueueBatcher:
         self._pending: list[_Enqueue] = []
         self._replicas = replicas
 
-    async def call(self, keys: list[str], args: list[Any]) -> Any:
+    async def call(self, keys: list[str], args: list[Any], script: Script = ENQUEUE) -> Any:
         """The script's result; raises NotQueued or MaybeQueued."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._start_flush)
-        self._pending.append(_Enqueue(keys, args, future))
+        self._pending.append(_Enqueue(keys, args, future, script))
         return await future
 
     def _start_flush(self) -> None:
@@ -96,9 +133,10 @@ class EnqueueBatcher:
         try:
             unanswered = await self._round_trip(batch)
             if unanswered:
-                # Redis lost the script (restarted, SCRIPT FLUSH): load it and send those again;
+                # Redis lost the script (restarted, SCRIPT FLUSH): load them and send those again;
                 # NOSCRIPT means they did not run.
-                await self._client.script_load(ENQUEUE_SCRIPT)
+                for text in {item.script.text for item in unanswered}:
+                    await self._client.script_load(text)
                 for item in await self._round_trip(unanswered):
                     item.fail(NotQueued(NoScriptError("NOSCRIPT after loading the enqueue script")))
         except asyncio.CancelledError:
@@ -127,7 +165,8 @@ class EnqueueBatcher:
         sendable = []
         for item in batch:
             try:
-                item.packed = connection.pack_command("EVALSHA", ENQUEUE_SHA, len(item.keys), *item.keys, *item.args)
+                item.packed = connection.pack_command("EVALSHA", item.script.sha, len(item.keys), *item.keys,
+                                                      *item.args)
             except Exception as exc:  # noqa: BLE001 - e.g. text no UTF-8 encoder takes: this request only
                 item.fail(NotQueued(exc))
             else:

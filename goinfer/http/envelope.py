@@ -50,7 +50,9 @@ def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
     return web.Response(body=encoded, content_type=JSON_CONTENT_TYPE)
 
 
-def failure(app_id: str, request_id: str, code: int, msg: str, status: int = 200) -> web.Response:
+def failure(app_id: str, request_id: str, code: int, msg: str, status: int = 200,
+            extra: dict[str, Any] | None = None) -> web.Response:
+    """`extra`: more fields in `data` (an asynchronous job's jobId and state), beside msg and requestId."""
     body = {
         "code": code,
         "appId": app_id,
@@ -58,6 +60,6 @@ def failure(app_id: str, request_id: str, code: int, msg: str, status: int = 200
         "encType": "plain",
         "success": False,
         "timestamp": int(time.time()),
-        "data": {"msg": msg, "requestId": request_id},
+        "data": {**(extra or {}), "msg": msg, "requestId": request_id},
     }
     return web.Response(status=status, body=_encode(body), content_type=JSON_CONTENT_TYPE)

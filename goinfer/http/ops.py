@@ -34,7 +34,7 @@ from goinfer.http.readiness import dispatcher_summary, dispatcher_versions, wait
 from goinfer.http.result_cache import ResultCache
 from goinfer.models.base import Model
 from goinfer.models.registry import import_path_of
-from goinfer.queue import DispatcherHeartbeat, served_streams, streams_for
+from goinfer.queue import DispatcherHeartbeat, served_streams, streams_for, with_lanes
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.http")
@@ -165,7 +165,9 @@ class OpsEndpoints:
     async def _cluster(self) -> ClusterSnapshot | None:
         try:
             assert self._redis is not None
-            return await asyncio.wait_for(read_cluster(self._redis, self._streams, self._targets), SCRAPE_TIMEOUT_S)
+            # every lane's depth: a batch backlog on :low is what an operator looks for
+            return await asyncio.wait_for(read_cluster(self._redis, with_lanes(self._streams), self._targets),
+                                          SCRAPE_TIMEOUT_S)
         except _REDIS_FAILURES:
             return None
 

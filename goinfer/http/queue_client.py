@@ -41,7 +41,7 @@ from redis.exceptions import AskError
 
 from goinfer.cluster_clients import AsyncClusterNodes, as_redis_error, is_relocation
 from goinfer.connections import RedisRefused, async_client, is_out_of_memory, refusal
-from goinfer.http.enqueue import EnqueueBatcher, MaybeQueued, NotQueued, spawn
+from goinfer.http.enqueue import JOB_ENQUEUE, EnqueueBatcher, MaybeQueued, NotQueued, Script, spawn
 from goinfer.http.redis_health import ClusterHealth, RedisHealth, is_unreachable
 from goinfer.http.replication import ReplicaWait
 from goinfer.queue import (
@@ -89,6 +89,11 @@ class Replayed(Exception):
 
 class ReplyTimeout(Exception):
     """No reply before the request's deadline."""
+
+
+class JobMaybeQueued(Exception):
+    """A job's enqueue was written but its answer never came, and its record could not be found
+    either: it may have been queued (a poll of its id tells), or not."""
 
 
 class QueueClient:
@@ -239,6 +244,58 @@ class QueueClient:
             timer.cancel()
             self._waiting.pop(job_id, None)
 
+    async def submit_job(self, stream: str, record_key: str, record: dict[str, str], record_ttl_s: int,
+                         payload: str, replay_key: str | None = None, replay_ttl_s: int = 0) -> None:
+        """Queue an asynchronous job: its record and its entry in one script (JOB_ENQUEUE), and
+        return at once; nobody waits for its answer here, the worker writes it to the record.
+
+        Raises SendFailure (not queued), QueueFull, Replayed or JobMaybeQueued.
+        """
+        if self.refused is not None:
+            raise SendFailure(str(self.refused), reported=True)
+        health = self._health(stream)
+        if health.down:
+            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
+        keys = [stream, record_key, replay_key] if replay_key else [stream, record_key]
+        pairs = [text for field_value in record.items() for text in field_value]
+        started = time.monotonic()
+        try:
+            outcome = await self._send(keys, [self._max_length, payload, replay_ttl_s, JOB_FIELD, record_ttl_s,
+                                              *pairs], JOB_ENQUEUE)
+        except NotQueued as failure:
+            raise self._send_failure(started, failure.cause, health) from None
+        except MaybeQueued as failure:
+            self._noted(started, failure.cause, health)
+            # The script writes the record and the entry together: the record says which happened.
+            try:
+                if await asyncio.wait_for(self._redis.exists(record_key), self._server.redis_timeout_s):
+                    return
+            except Exception:  # noqa: BLE001 - still no answer: the client is told it may be queued
+                pass
+            raise JobMaybeQueued(str(failure)) from None
+        health.answered(started)
+        health.stored()
+        if outcome == QUEUE_FULL:
+            raise QueueFull()
+        if outcome == REPLAYED:
+            raise Replayed()
+
+    async def read_job(self, record_key: str) -> dict[Any, Any]:
+        """A job's record as HGETALL answers it ({} when there is none); raises SendFailure when
+        Redis does not answer (the record may exist: the caller must not say "not found")."""
+        if self.refused is not None:
+            raise SendFailure(str(self.refused), reported=True)
+        health = self._health(record_key)
+        if health.down:
+            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
+        started = time.monotonic()
+        try:
+            raw = await self._redis.hgetall(record_key)
+        except Exception as exc:  # noqa: BLE001 - redis-py, OSError, timeouts: the record cannot be read now
+            raise self._send_failure(started, exc, health) from None
+        health.answered(started)
+        return cast("dict[Any, Any]", raw)
+
     @property
     def in_flight(self) -> int:
         return len(self._waiting)
@@ -247,7 +304,7 @@ class QueueClient:
         """What we know of the Redis that holds `key`: on a cluster, its queue's primary."""
         return self.health if self._cluster_health is None else self._cluster_health.of(key)
 
-    async def _send(self, keys: list[str], args: list[Any]) -> Any:
+    async def _send(self, keys: list[str], args: list[Any], script: Script | None = None) -> Any:
         """The enqueue script's result; raises NotQueued or MaybeQueued.
 
         On a Redis Cluster, an enqueue that was not queued because of where it went (MOVED, ASK,
@@ -255,19 +312,19 @@ class QueueClient:
         sent once more, to whoever serves the queue's slot now.
         """
         if self._enqueue is not None:
-            return await self._enqueue.call(keys, args)
+            return await self._enqueue.call(keys, args, *([script] if script else []))
         try:
-            return await self._send_to_node(keys, args)
+            return await self._send_to_node(keys, args, script)
         except NotQueued as failure:
             if self._cluster is None or not is_relocation(failure.cause):
                 raise
             self._cluster.lost(failure.cause)
-        return await self._send_to_node(keys, args)
+        return await self._send_to_node(keys, args, script)
 
-    async def _send_to_node(self, keys: list[str], args: list[Any]) -> Any:
+    async def _send_to_node(self, keys: list[str], args: list[Any], script: Script | None = None) -> Any:
         client, batcher = await self._batcher(keys[0])
         try:
-            return await batcher.call(keys, args)
+            return await batcher.call(keys, args, *([script] if script else []))
         except (NotQueued, MaybeQueued) as failure:
             if is_unreachable(failure.cause):
                 self._drop_idle_connections(client)
