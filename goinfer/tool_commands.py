@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from goinfer.batch.command import batch_command
 from goinfer.cli_options import EXIT_CONFIG, EXIT_FAILED
 from goinfer.cli_options import fatal as _fail
 from goinfer.cli_options import yaml_option as _yaml_option
@@ -31,20 +32,32 @@ from goinfer.cli_options import yaml_option as _yaml_option
 @_yaml_option
 @click.option("--app-id", default=None, metavar="ID",
               help="The appId to sign as [default: the first API.AppIdSecret entry].")
+@click.option("--async", "as_job", is_flag=True,
+              help="Submit an asynchronous job (POST /goinfer/jobs<API_PATH>): print its id on stderr, "
+                   "poll it until it is done and print the data.")
+@click.option("--no-wait", is_flag=True,
+              help="With --async: print the job id (stdout) and exit without waiting.")
 def call_command(api_path: str, data_text: str, url: str | None, sign_type: str, yaml_path: str,
-                 app_id: str | None) -> None:
+                 app_id: str | None, as_job: bool, no_wait: bool) -> None:
     """Send one signed request to API_PATH and print the answer's data.
 
     API_PATH is a model's path, e.g. /api/echo.
     Credentials come from the settings file, so this checks a deployment end to end.
     An error answer prints `error <code>: <msg>` on stderr and exits 1.
+
+    With --async the request is a job, which may run longer than MessageTimeout (up to
+    Server.JobTimeout): `job <id>` is printed on stderr, and its answer once done, as for a
+    synchronous call; a job that failed or expired prints its error. Ctrl-C stops waiting, not
+    the job. With --no-wait only the job id is printed.
     """
     from goinfer.client import GoinferError
     from goinfer.settings import SettingsError, load_settings
-    from goinfer.tools import ToolError, call, client_for, parse_data
+    from goinfer.tools import ToolError, call, client_for, job_result, parse_data, submit_job
 
     if not api_path.startswith("/"):
         raise click.BadParameter(f"{api_path!r} must start with '/', e.g. /api/echo", param_hint="API_PATH")
+    if no_wait and not as_job:
+        raise click.BadParameter("--no-wait needs --async", param_hint="--no-wait")
     try:
         data = parse_data(data_text)
     except ValueError as exc:
@@ -52,7 +65,15 @@ def call_command(api_path: str, data_text: str, url: str | None, sign_type: str,
     try:
         settings = load_settings(yaml_path)
         client = client_for(settings, url=url, sign_type=sign_type, app_id=app_id)  # type: ignore[arg-type]
-        answer = call(client, api_path, data)
+        if not as_job:
+            answer = call(client, api_path, data)
+        else:
+            handle = submit_job(client, api_path, data)
+            if no_wait:
+                click.echo(handle.job_id)
+                return
+            click.echo(f"job {handle.job_id}", err=True)
+            answer = job_result(handle)
     except SettingsError as exc:
         _fail(str(exc), EXIT_CONFIG)
     except ToolError as exc:
@@ -60,6 +81,8 @@ def call_command(api_path: str, data_text: str, url: str | None, sign_type: str,
     except GoinferError as exc:
         click.echo(f"error {exc.code}: {exc.msg}", err=True)
         sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        _fail("stopped waiting; the job goes on", EXIT_FAILED)
     click.echo(json.dumps(answer, indent=2, ensure_ascii=False, sort_keys=True))
 
 
@@ -223,4 +246,5 @@ def _goinfer_command() -> str:
     return shlex.quote(os.path.abspath(sys.argv[0]))
 
 
-TOOL_COMMANDS = (init_command, call_command, keygen_command, check_command, status_command, reload_command)
+TOOL_COMMANDS = (init_command, call_command, keygen_command, check_command, status_command, reload_command,
+                 batch_command)

@@ -492,3 +492,25 @@ class LoadsOnce(VersionedAnswer):
             except FileExistsError:
                 raise RuntimeError(f"version {self.version} loads only once") from None
         super().init()
+
+
+class Doubler(Model):
+    """A fast model for batch runs: doubles `x`; api_entry refuses rows marked `refuse`, infer
+    fails rows marked `fail`."""
+
+    api_path = "/api/double"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("refuse"):
+            raise ApiError(4100, "refused at entry")
+        if not isinstance(data.get("x"), (int, str)):
+            raise ApiError(4101, "need x")
+        return {"x": int(data["x"]), "fail": bool(data.get("fail"))}
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        if params["fail"]:
+            raise ApiError(4200, "asked to fail")
+        return {"double": params["x"] * 2}
