@@ -181,3 +181,31 @@ def test_a_read_takes_from_the_highest_lane_that_holds_entries(redis_server):
     # Drained: the next read blocks on every lane, and returns what arrives on any of them.
     add(PRIORITY_LOW, 1)
     assert [item.stream for item in consumer.read(block_ms=100)] == [lane_stream(base, PRIORITY_LOW)]
+
+
+def test_a_running_goinfer_batch_leaves_live_requests_nearly_as_fast(tmp_path, redis_server, processes):
+    """The issue's scenario end to end: `goinfer batch` keeps the only worker busy with rows of
+    ROW_S each; live requests through `goinfer http` meanwhile stay within a loose factor of their
+    latency with no batch running (benchmarks/priority.py measures it precisely)."""
+    settings = write_settings(tmp_path, redis_server.address, Models=MODELS,
+                              Server={"MaxWorkers": 1, "MessageTimeout": 60})
+    processes.http(settings)
+    processes.server(settings)
+    api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SHA256")
+    live_latencies(api, 3)
+    alone = statistics.median(live_latencies(api, 15))
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"id": {i}, "data": {{"row": {i}, "sleep": {ROW_S}}}}}\n' for i in range(300)))
+    output = tmp_path / "out.jsonl"
+    run = processes.start("batch", str(rows), "--api", "/api/record", "--output", str(output), "--no-progress",
+                          "--yaml", str(settings), log_name="batch")
+    wait_until(lambda: output.exists() and output.read_bytes().count(b"\n") >= 5, 60, "the batch to be running")
+    busy = statistics.median(live_latencies(api, 15))
+    written = output.read_bytes().count(b"\n")
+    print(f"live p50 alone {alone * 1000:.1f} ms, beside `goinfer batch` {busy * 1000:.1f} ms; "
+          f"{written} of 300 rows written meanwhile")
+    assert written < 300, "the batch ended before the live requests were measured"
+    assert busy <= 3 * alone + ROW_S, (alone, busy)
+    assert run.process.wait(120) == 0, run.output
+    assert output.read_bytes().count(b"\n") == 300
