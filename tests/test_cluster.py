@@ -165,7 +165,7 @@ class TestOneService:
         with urllib.request.urlopen(base + "/goinfer/status", timeout=10) as response:
             status = json.loads(response.read())
         assert len(status["dispatchers"]) == 2 * QUEUES
-        assert [queue["dispatchers"] for queue in status["queues"]] == [2] * QUEUES
+        assert [queue["dispatchers"] for queue in status["queues"]] == [2] * QUEUES * 3  # each queue's 3 lanes
         with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
             assert "goinfer_redis_up 1.0" in response.read().decode()
         result = check_redis_cluster(load_settings(str(service.settings)))
