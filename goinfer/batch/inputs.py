@@ -134,7 +134,7 @@ def _csv_rows(path: str) -> Iterator[Row]:
 
 def _parquet_file(path: str) -> Any:
     try:
-        import pyarrow.parquet  # type: ignore[import-not-found,unused-ignore]
+        import pyarrow.parquet
     except ImportError:
         raise InputError("reading Parquet needs pyarrow: pip install 'goinfer[parquet]'") from None
     try:
