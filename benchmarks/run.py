@@ -80,6 +80,7 @@ class Point:
     requests: int
     errors: int
     note: str = ""
+    cpu_ms: float = float("nan")  # CPU per request: every goinfer process and Redis, from /proc
 
 
 @dataclass
@@ -95,6 +96,34 @@ class Service:
 
     def stop_tiers(self) -> None:
         self.processes.cleanup(STOP_GRACE_S)
+
+    def pids(self) -> list[int]:
+        """Redis and every process the tiers started (HTTP processes, check processes,
+        supervisors, workers), found again at each call: a restarted worker counts too."""
+        roots = [self.redis.process.pid, *(proc.pid for proc in self.processes.started)]
+        found: list[int] = []
+        while roots:
+            pid = roots.pop()
+            if pid not in found:
+                found.append(pid)
+                roots.extend(children_of(pid))
+        return found
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used (children that exited are not counted:
+    the tiers' processes live through a point)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _CLOCK_TICKS
 
 
 @contextmanager
@@ -202,13 +231,17 @@ def load_asyncio(url: str, body: bytes, connections: int, duration: float) -> Lo
 
 def drive(service: Service, scenario: str, url: str, body: bytes, connections: int, duration: float,
           note: str = "") -> Point:
+    pids = service.pids()
+    cpu_before = cpu_seconds(pids)
     if shutil.which("wrk"):
         rps, p50, p99, requests, bad = load_wrk(url, body, connections, duration, service.folder)
     else:
         rps, p50, p99, requests, bad = load_asyncio(url, body, connections, duration)
-    point = Point(scenario, connections, rps, p50, p99, requests, bad, note)
+    # The load generator is not one of the service's processes: only goinfer's and Redis's CPU.
+    cpu_ms = (cpu_seconds(pids) - cpu_before) * 1000 / requests if requests else float("nan")
+    point = Point(scenario, connections, rps, p50, p99, requests, bad, note, cpu_ms)
     print(f"  {scenario:<24} c={connections:<4} {rps:8.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-          f"  errors {bad}", file=sys.stderr)
+          f"  CPU {cpu_ms:5.2f} ms/req  errors {bad}", file=sys.stderr)
     return point
 
 
@@ -368,12 +401,12 @@ def print_report(points: list[Point], memory: dict[str, float], args: Any) -> st
         f"Python {platform.python_version()}, load from {'wrk' if shutil.which('wrk') else 'asyncio generator'}, "
         f"{args.duration:g} s per point, all processes on this one machine",
         "",
-        "| scenario | conns | req/s | p50 ms | p99 ms | requests | errors | setup |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| scenario | conns | req/s | p50 ms | p99 ms | CPU ms/req | requests | errors | setup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in points:
         lines.append(f"| {p.scenario} | {p.connections} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | "
-                     f"{p.requests} | {p.errors} | {p.note} |")
+                     f"{p.cpu_ms:.2f} | {p.requests} | {p.errors} | {p.note} |")
     by = {(p.scenario, p.connections): p for p in points}
     ratios: list[tuple[str, float, float | None]] = []
     if ("echo-sm2", 64) in by and ("echo-sha256", 64) in by:
