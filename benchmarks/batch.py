@@ -18,7 +18,6 @@ import asyncio
 import json
 import platform
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,4 +126,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

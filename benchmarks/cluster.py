@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.run import ROOT, STOP_GRACE_S, Point, body_for, children_of, drive, wait_http
+from benchmarks.run import ROOT, STOP_GRACE_S, Point, body_for, children_of, cpu_seconds, drive, wait_http
 from goinfer.redis_server import RedisServerError
 from goinfer.testing import ProcessFactory, free_port, settings_of, start_redis
 from goinfer.testing import write_settings as write_settings_file
@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from redis_cluster import start_cluster  # noqa: E402 - the tests' cluster harness, shared
 
 QUEUES = 3
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -65,20 +64,9 @@ class Nodes:
 class Result:
     point: Point
     cpu_ms: dict[str, float]  # per request: http, dispatchers, redis
-    commands: list[int] = field(default_factory=list)  # per primary, per request
+    commands: list[float] = field(default_factory=list)  # per primary, per request
     connections: list[int] = field(default_factory=list)  # per primary, at the end of the point
     moved: int = 0
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
 
 
 def run_setup(name: str, address: str, nodes: Nodes, cluster: bool, args: Any, folder: Path) -> list[Result]:
@@ -104,7 +92,7 @@ def run_setup(name: str, address: str, nodes: Nodes, cluster: bool, args: Any, f
             "dispatchers": [pid for proc in dispatchers for pid in (proc.pid, *children_of(proc.pid))],
             "redis": nodes.pids,
         }
-        holder = _Folder(folder)
+        holder = _Folder(folder, [pid for pids in groups.values() for pid in pids])
         for connections in args.connections:
             before = {group: cpu_seconds(pids) for group, pids in groups.items()}
             stats_before = nodes.stats()
@@ -124,9 +112,13 @@ def run_setup(name: str, address: str, nodes: Nodes, cluster: bool, args: Any, f
 
 @dataclass
 class _Folder:
-    """What benchmarks.run.drive needs of its service: where wrk's files go."""
+    """What benchmarks.run.drive needs of its service: where wrk's files go, and whose CPU counts."""
 
     folder: Path
+    processes: list[int]
+
+    def pids(self) -> list[int]:
+        return self.processes
 
 
 def report(results: list[Result], args: Any) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from goinfer.client import SignType
 from goinfer.redis_server import RedisServer, RedisServerError
@@ -229,7 +229,16 @@ def load_asyncio(url: str, body: bytes, connections: int, duration: float) -> Lo
     return len(latencies) / elapsed, statistics.median(latencies), p99, len(latencies), bad
 
 
-def drive(service: Service, scenario: str, url: str, body: bytes, connections: int, duration: float,
+class Driven(Protocol):
+    """What `drive` needs of a setup: a folder for the load generator's files, and the pids whose
+    CPU a request costs (a Service, or a benchmark's own setup)."""
+
+    folder: Path
+
+    def pids(self) -> list[int]: ...
+
+
+def drive(service: Driven, scenario: str, url: str, body: bytes, connections: int, duration: float,
           note: str = "") -> Point:
     pids = service.pids()
     cpu_before = cpu_seconds(pids)
