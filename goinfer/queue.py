@@ -405,6 +405,22 @@ class Reply:
         )
 
 
+def deliver_reply(raw: bytes | str, waiting: Mapping[str, Any]) -> Reply:
+    """Hand a reply read from a reply list to the future waiting for its request id, if one
+    still waits (it may have timed out). Every reader of reply lists matches answers this way.
+
+    Raises ValueError for something that is not a reply: the caller logs it and reads on.
+    """
+    try:
+        reply = Reply.decode(raw)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a reply: {type(exc).__name__}: {exc}") from None
+    future = waiting.get(reply.id)
+    if future is not None and not future.done():
+        future.set_result(reply)
+    return reply
+
+
 def _dumps(body: dict[str, Any], what: str, default: Callable[[Any], Any] | None = None) -> str:
     """The message as strict JSON (RFC 8259) in valid UTF-8, or ValueError saying why `what`
     (the part that comes from a model) cannot be sent.

@@ -79,3 +79,24 @@ def test_priority_settings_choose_the_lane():
                          ("Server: {JobTimeout: 0}", "Server.JobTimeout: must be a positive number")):
         with pytest.raises(SettingsError, match=message):
             parse_settings(bad)
+
+
+def test_a_reply_goes_to_the_future_waiting_for_its_id_and_junk_is_refused():
+    import asyncio
+
+    from goinfer.queue import deliver_reply
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        waiting = {REQUEST_ID: loop.create_future(), "gone": loop.create_future()}
+        waiting["gone"].cancel()  # its client timed out: nothing to hand it to
+        reply = Reply(REQUEST_ID, 0, data={"x": 1})
+        assert deliver_reply(reply.encode(), waiting) == reply
+        assert waiting[REQUEST_ID].result() == reply
+        assert deliver_reply(Reply("gone", 0).encode(), waiting).id == "gone"
+        assert deliver_reply(Reply("unknown", 0).encode(), waiting).id == "unknown"
+        for junk in (b"", b"[]", b'{"code": 0}', b'{"id": "x"}', b"\xff"):
+            with pytest.raises(ValueError):
+                deliver_reply(junk, waiting)
+
+    asyncio.run(scenario())

@@ -41,6 +41,7 @@ from goinfer.queue import (
     TIER_ALIVE_TTL_S,
     Job,
     Reply,
+    deliver_reply,
     lane_stream,
     reply_key,
     stream_name,
@@ -269,13 +270,9 @@ class DirectSender:
 
     def _deliver(self, raw: bytes | str) -> None:
         try:
-            reply = Reply.decode(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+            deliver_reply(raw, self._waiting)
+        except ValueError as exc:
             log.warning("dropping a malformed reply (%s)", exc)
-            return
-        future = self._waiting.get(reply.id)
-        if future is not None and not future.done():
-            future.set_result(reply)
 
     async def _alive(self) -> None:
         if not await self._redis.expire(self.alive_key, TIER_ALIVE_TTL_S):

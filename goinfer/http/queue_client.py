@@ -51,6 +51,7 @@ from goinfer.queue import (
     TIER_ALIVE_REFRESH_S,
     TIER_ALIVE_TTL_S,
     Reply,
+    deliver_reply,
     reply_key,
     tier_alive_key,
 )
@@ -212,11 +213,7 @@ class QueueClient:
         Raises SendFailure (not queued), QueueFull, Replayed (when `replay_key` was already set)
         or ReplyTimeout; nothing else, whatever Redis or the network do.
         """
-        if self.refused is not None:
-            raise SendFailure(str(self.refused), reported=True)
-        health = self._health(stream)
-        if health.down:  # not sent: the answer is true, and comes at once
-            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
+        health = self._reachable(stream)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._waiting[job_id] = future
@@ -233,12 +230,7 @@ class QueueClient:
                     log.warning("request %s may have been queued on %s (%s); awaiting its reply",
                                 job_id, stream, failure)
                 return await future
-            health.answered(started)
-            health.stored()
-            if outcome == QUEUE_FULL:
-                raise QueueFull()
-            if outcome == REPLAYED:
-                raise Replayed()
+            self._queued(outcome, started, health)
             return await future
         finally:
             timer.cancel()
@@ -251,11 +243,7 @@ class QueueClient:
 
         Raises SendFailure (not queued), QueueFull, Replayed or JobMaybeQueued.
         """
-        if self.refused is not None:
-            raise SendFailure(str(self.refused), reported=True)
-        health = self._health(stream)
-        if health.down:
-            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
+        health = self._reachable(stream)
         keys = [stream, record_key, replay_key] if replay_key else [stream, record_key]
         pairs = [text for field_value in record.items() for text in field_value]
         started = time.monotonic()
@@ -273,21 +261,12 @@ class QueueClient:
             except Exception:  # noqa: BLE001 - still no answer: the client is told it may be queued
                 pass
             raise JobMaybeQueued(str(failure)) from None
-        health.answered(started)
-        health.stored()
-        if outcome == QUEUE_FULL:
-            raise QueueFull()
-        if outcome == REPLAYED:
-            raise Replayed()
+        self._queued(outcome, started, health)
 
     async def read_job(self, record_key: str) -> dict[Any, Any]:
         """A job's record as HGETALL answers it ({} when there is none); raises SendFailure when
         Redis does not answer (the record may exist: the caller must not say "not found")."""
-        if self.refused is not None:
-            raise SendFailure(str(self.refused), reported=True)
-        health = self._health(record_key)
-        if health.down:
-            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
+        health = self._reachable(record_key)
         started = time.monotonic()
         try:
             raw = await self._redis.hgetall(record_key)
@@ -303,6 +282,26 @@ class QueueClient:
     def _health(self, key: str) -> RedisHealth:
         """What we know of the Redis that holds `key`: on a cluster, its queue's primary."""
         return self.health if self._cluster_health is None else self._cluster_health.of(key)
+
+    def _reachable(self, key: str) -> RedisHealth:
+        """The health of `key`'s Redis; SendFailure at once when it refuses us or is known to be
+        down: nothing is sent, so the answer is true, and comes without waiting."""
+        if self.refused is not None:
+            raise SendFailure(str(self.refused), reported=True)
+        health = self._health(key)
+        if health.down:
+            raise SendFailure(f"redis at {health.address} is unreachable", reported=True)
+        return health
+
+    @staticmethod
+    def _queued(outcome: Any, started: float, health: RedisHealth) -> None:
+        """Redis answered the enqueue script: note it, and raise QueueFull or Replayed for a refusal."""
+        health.answered(started)
+        health.stored()
+        if outcome == QUEUE_FULL:
+            raise QueueFull()
+        if outcome == REPLAYED:
+            raise Replayed()
 
     async def _send(self, keys: list[str], args: list[Any], script: Script | None = None) -> Any:
         """The enqueue script's result; raises NotQueued or MaybeQueued.
@@ -480,13 +479,9 @@ class QueueClient:
 
     def _deliver(self, raw: bytes | str) -> None:
         try:
-            reply = Reply.decode(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+            deliver_reply(raw, self._waiting)
+        except ValueError as exc:
             log.error("dropping a malformed reply (%s)", exc)
-            return
-        future = self._waiting.get(reply.id)
-        if future is not None and not future.done():
-            future.set_result(reply)
 
 
 def _one_redis(client: redis.asyncio.Redis | object) -> redis.asyncio.Redis:
