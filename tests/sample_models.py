@@ -13,6 +13,13 @@ from goinfer import ApiError, Model
 from goinfer.models.echo import Echo
 
 
+def recording_list(model: Model, suffix: str = "executions") -> tuple[redis.Redis, str]:
+    """The test's Redis and the key `<QueueName><suffix>` where a model records what it ran, for
+    the test to count executions (each test's queue name is its own)."""
+    host, _, port = model.settings.server.redis_server.rpartition(":")
+    return redis.Redis(host=host, port=int(port)), f"{model.settings.server.queue_name}{suffix}"
+
+
 class Greeter(Model):
     """A well-behaved model: checks its input in api_entry, answers in infer."""
 
@@ -70,9 +77,7 @@ class Recorder(Model):
     api_path = "/api/record"
 
     def init(self) -> None:
-        host, _, port = self.settings.server.redis_server.rpartition(":")
-        self.redis = redis.Redis(host=host, port=int(port))
-        self.key = f"{self.settings.server.queue_name}executions"
+        self.redis, self.key = recording_list(self)
 
     def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
         return data
@@ -213,9 +218,7 @@ class GilHolder(Model):
     api_path = "/api/hold"
 
     def init(self) -> None:
-        host, _, port = self.settings.server.redis_server.rpartition(":")
-        self.redis = redis.Redis(host=host, port=int(port))
-        self.key = f"{self.settings.server.queue_name}hold:"
+        self.redis, self.key = recording_list(self, "hold:")
 
     def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
         return data
@@ -384,9 +387,7 @@ class VersionedAnswer(Model):
             self.answer = handle.read().strip()
         warmup_file = os.path.join(folder, "warmup.txt")
         self.warmup_s = float(open(warmup_file).read()) if os.path.exists(warmup_file) else 0.0
-        host, _, port = self.settings.server.redis_server.rpartition(":")
-        self.redis = redis.Redis(host=host, port=int(port))
-        self.key = f"{self.settings.server.queue_name}executions"
+        self.redis, self.key = recording_list(self)
         self.warmed = False
 
     def warmup(self) -> None:
@@ -454,9 +455,7 @@ class CachedCounter(Model):
     api_path = "/api/cached"
 
     def init(self) -> None:
-        host, _, port = self.settings.server.redis_server.rpartition(":")
-        self.redis = redis.Redis(host=host, port=int(port))
-        self.key = f"{self.settings.server.queue_name}executions"
+        self.redis, self.key = recording_list(self)
 
     def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
         return data
