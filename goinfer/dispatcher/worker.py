@@ -65,11 +65,12 @@ class Worker:
 
     def __init__(self, settings: Settings, queue_index: int, models: Mapping[str, Model], consumer: str,
                  client: redis.Redis | None = None, outage: OutageLog | None = None,
-                 board: CallBoard | None = None, device: str | None = None) -> None:
+                 board: CallBoard | None = None, device: str | None = None,
+                 revisions: Mapping[str, str] | None = None) -> None:
         server = settings.server
         self._device = device
         self._server = server
-        self.runner = Runner(settings, models)
+        self.runner = Runner(settings, models, revisions)
         self._policies = batch_policies(server, models)
         streams = streams_for(server.queue_name, [m.queue or None for m in models.values()], [queue_index],
                               with_default=True)
@@ -368,7 +369,7 @@ def worker_process_main(settings: Settings, queue_index: int, model_paths: list[
 
     outage = OutageLog(settings.server, worker_index, f"worker {worker_index}", reporter)
     worker = Worker(settings, queue_index, models, consumer_name(worker_index), outage=outage, board=board,
-                    device=device)
+                    device=device, revisions=revisions)
 
     def stop(signum: int, frame: object) -> None:
         worker.stopping = True
