@@ -32,8 +32,9 @@ import redis
 from redis.exceptions import RedisError
 
 from goinfer.cluster_clients import NodeClients, node_clients
+from goinfer.dispatcher.stream import answer_in
 from goinfer.models.base import Model
-from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, REPLY_TTL_S, Job, Reply, job_finished_fields
+from goinfer.queue import CONSUMER_GROUP, JOB_FIELD, Job
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.dispatcher")
@@ -307,15 +308,8 @@ def settle_overdue(client: redis.Redis, consumer: str, streams: Sequence[str], c
         if not pending:
             continue  # answered by the worker before it stopped
         job = _job_of(entries)
-        if job is not None and job.job_key is not None:  # an asynchronous job: the answer goes to its record
-            answer = reply(job)
-            fields: dict[Any, Any] = job_finished_fields(answer, Reply.decode(answer).code, time.time())
-            pipe.hset(job.job_key, mapping=fields)
-            pipe.expire(job.job_key, max(1, round(job_result_ttl_s)))
-            answered.append(job)
-        elif job is not None:
-            pipe.rpush(job.reply_to, reply(job))
-            pipe.expire(job.reply_to, REPLY_TTL_S)
+        if job is not None:
+            answer_in(pipe, job, reply(job), max(1, round(job_result_ttl_s)), time.time())
             answered.append(job)
         pipe.xack(stream, CONSUMER_GROUP, entry_id)
         pipe.xdel(stream, entry_id)

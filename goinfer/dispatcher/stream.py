@@ -85,6 +85,20 @@ class RepliesRefused(RedisError):
         self.following = following
 
 
+def answer_in(pipe: Any, job: Job, reply: str | None, job_ttl_s: int, now: float) -> None:
+    """Add to `pipe` what answers `job` with `reply`: its reply list; or, for an asynchronous
+    job, its record, for whoever polls it (expired when acknowledged unanswered: it waited past
+    its JobTimeout). Nothing for a request acknowledged unanswered (its client is gone)."""
+    if job.job_key is not None:
+        fields: dict[Any, Any] = job_expired_fields(now) if reply is None else \
+            job_finished_fields(reply, Reply.decode(reply).code, now)
+        pipe.hset(job.job_key, mapping=fields)
+        pipe.expire(job.job_key, job_ttl_s)
+    elif reply is not None:
+        pipe.rpush(job.reply_to, reply)
+        pipe.expire(job.reply_to, REPLY_TTL_S)
+
+
 def decode_entry(stream: bytes | str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Pending:
     """An entry as read from Redis; an unreadable job is logged and kept as `job=None` (acked unanswered)."""
     raw = fields.get(_JOB_KEY, b"")
@@ -209,17 +223,8 @@ class StreamConsumer:
         pipe.execute_command("MULTI")
         now = time.time()
         for item, reply in done:
-            job = item.job
-            if job is not None and job.job_key is not None:
-                # An asynchronous job: its answer goes to its record, for whoever polls it; one
-                # acknowledged unanswered has waited past its JobTimeout.
-                fields: dict[Any, Any] = job_expired_fields(now) if reply is None else \
-                    job_finished_fields(reply, Reply.decode(reply).code, now)
-                pipe.hset(job.job_key, mapping=fields)
-                pipe.expire(job.job_key, self._job_ttl)
-            elif reply is not None and job is not None:
-                pipe.rpush(job.reply_to, reply)
-                pipe.expire(job.reply_to, REPLY_TTL_S)
+            if item.job is not None:
+                answer_in(pipe, item.job, reply, self._job_ttl, now)
             pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
             pipe.xdel(item.stream, item.entry_id)
         stats = list(self._stats.items())
