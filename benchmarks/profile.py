@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         http = service.start("http", "--yaml", str(settings), log_name="http")
         url = f"http://127.0.0.1:{port}{args.api}"
         data = {"text": "测试测试", "image": ""} if args.api == "/api/echo" else {"n": 1}
-        body = body_for(data, args.sign)  # type: ignore[arg-type]
+        body = body_for(data, args.sign)
         wait_http(port, args.api, body)
         drive(service, "warm-up", url, body, args.connections, 2)
         kinds = process_kinds(service, http.pid, dispatcher.pid)
