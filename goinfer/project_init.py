@@ -197,6 +197,9 @@ Server:
     # goinfer: dynamic batching, for models that define infer_batch (a model may override both):
     BatchSize: 16 # at most this many waiting requests in one infer_batch call
     BatchTimeoutMs: 5 # after the first request, wait at most this long for more
+    # goinfer: while requests wait and every worker is busy, a worker takes as many as it expects
+    # to run in this many ms (from its recent calls: fast models only) and answers them together
+    TakeAheadMs: 1
     MaxQueueLength: 10000 # goinfer: a request finding this many waiting gets QueueFull (9704) at once
     # goinfer: a request a worker took and stopped refreshing this long ago (the worker died or
     # hung) is claimed and run by another worker; one delivered MaxDeliveries times without an

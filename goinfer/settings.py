@@ -112,6 +112,9 @@ class ServerSettings:
     max_workers: int = 8
     batch_size: int = 16
     batch_timeout_ms: float = 5.0
+    # While requests wait and no worker is idle, a worker takes as many as it expects to run in
+    # this many ms (from its recent call times) and answers them in one round trip. 0: one at a time.
+    take_ahead_ms: float = 1.0
     max_queue_length: int = 10000
     claim_idle_ms: int = 3000
     max_deliveries: int = 3
@@ -460,6 +463,7 @@ _SERVER_KEYS: dict[str, tuple[str, Check]] = {
     "MaxWorkers": ("max_workers", _int(1, 1024)),
     "BatchSize": ("batch_size", _int(1, 4096)),
     "BatchTimeoutMs": ("batch_timeout_ms", _number()),
+    "TakeAheadMs": ("take_ahead_ms", _number()),
     "MaxQueueLength": ("max_queue_length", _int(1)),
     "ClaimIdleMs": ("claim_idle_ms", _int(500)),
     "MaxDeliveries": ("max_deliveries", _int(1, 100)),

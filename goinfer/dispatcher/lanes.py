@@ -9,11 +9,12 @@ use): one round trip, like the plain read it replaces. Only when every lane is e
 worker block, with one XREADGROUP on all lanes; entries that arrive on several lanes at once
 are served highest first (`by_lane`).
 
-The script also says whether any lane still holds undelivered entries ("more"), and the same
-script with a count of 0 only says that. A worker that finds the lanes drained can then put its
-blocking read, followed by that probe, in the round trip that acknowledges its last answers,
-as it did before lanes existed: an idle worker costs one round trip per request, and so does a
-busy one.
+The script also says whether any lane still holds undelivered entries ("more"), so the worker
+knows whether its next read may block. It looks cheaply: a lane that gave fewer entries than
+asked for has none left (XREADGROUP with ">" takes every new entry up to COUNT), so only the lanes
+below it are looked at, and those are usually empty. A blocking read says the same by itself:
+every lane that gave fewer than COUNT is drained. So an idle worker costs one round trip per
+request, and so does a busy one, with no command beyond the read.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 from goinfer.queue import PRIORITIES, lane_stream
 
 # KEYS: the lanes, highest first. ARGV[1]: group, ARGV[2]: consumer, ARGV[3]: how many entries
-# to take (0: take none, only tell whether any lane holds undelivered entries).
+# to take (at least 1).
 # Returns {answer, more}: answer is XREADGROUP's for the first lane that had entries ({} when
-# none did); more is 1 when a lane from that one down still holds undelivered entries.
+# none did); more is 1 when that lane or one below it still holds undelivered entries.
 # An entry is undelivered when it is newer than the group's last-delivered-id.
 READ_LANES_SCRIPT = """
 local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -51,27 +52,30 @@ local function waiting(lane)
   end
   return true
 end
-local function more_from(first)
-  for j = first, #KEYS do
-    if waiting(KEYS[j]) then return 1 end
+for i, lane in ipairs(KEYS) do
+  local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', lane, '>')
+  if got then
+    if #got[1][2] >= count then return {got, 1} end
+    for j = i + 1, #KEYS do
+      if waiting(KEYS[j]) then return {got, 1} end
+    end
+    return {got, 0}
   end
-  return 0
 end
-if count > 0 then
-  for i, lane in ipairs(KEYS) do
-    local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', lane, '>')
-    if got then return {got, more_from(i)} end
-  end
-  return {{}, 0}
-end
-return {{}, more_from(1)}
+return {{}, 0}
 """
 READ_LANES_SHA = hashlib.sha1(READ_LANES_SCRIPT.encode()).hexdigest()
 
 
 def read_lanes_args(lanes: Sequence[str], group: str, consumer: str, count: int) -> list[Any]:
-    """EVALSHA's arguments for READ_LANES_SCRIPT (count 0: only ask whether more is waiting)."""
-    return [READ_LANES_SHA, len(lanes), *lanes, group, consumer, count]
+    """EVALSHA's arguments for READ_LANES_SCRIPT."""
+    return [READ_LANES_SHA, len(lanes), *lanes, group, consumer, max(1, count)]
+
+
+def drained_after(answer: Any, count: int) -> bool:
+    """Whether a read of every lane (XREADGROUP ... COUNT `count` on all of them) left nothing
+    undelivered: every lane gave fewer entries than asked for."""
+    return all(len(entries) < count for _, entries in answer or ())
 
 
 def decode_lanes_answer(answer: Any) -> tuple[list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], bool]:

@@ -27,7 +27,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.connections import is_out_of_memory
-from goinfer.dispatcher.lanes import READ_LANES_SCRIPT, decode_lanes_answer, read_lanes_args
+from goinfer.dispatcher.lanes import READ_LANES_SCRIPT, decode_lanes_answer, drained_after, read_lanes_args
 from goinfer.queue import (
     CONSUMER_GROUP,
     JOB_FIELD,
@@ -129,6 +129,7 @@ class StreamConsumer:
         # blocking one on all lanes (which cannot take a low entry before a waiting high one);
         # otherwise it is the script that takes from the highest lane first.
         self._drained = True
+        self._blocking_count = read_count
 
     @property
     def client(self) -> redis.Redis:
@@ -140,12 +141,15 @@ class StreamConsumer:
         self.nodes.lost(error)
 
     def ensure_groups(self) -> None:
-        """Create the group on every stream (and the stream), unless it exists.
+        """Load the lanes' script, and create the group on every stream (and the stream), unless it exists.
 
         Created at id 0, so requests queued before any dispatcher ran are served too. Redis at
         maxmemory refuses XGROUP CREATE even for a group that exists: one that does is enough to
         serve (and serving frees memory).
         """
+        # Loaded now, so that the first read by the script (often inside `finish`'s round trip)
+        # does not fail on NOSCRIPT and lose its turn.
+        self.client.script_load(READ_LANES_SCRIPT)
         for stream in self.streams:
             try:
                 self.client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
@@ -189,23 +193,16 @@ class StreamConsumer:
         return self._decode(streams)
 
     def _queue_blocking_read(self, pipe: Any, count: int, block_ms: int) -> None:
-        """Wait on every lane, then ask (same round trip) whether entries are left undelivered."""
+        """Wait on every lane (it says by itself whether entries are left: lanes.drained_after)."""
         pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams}, count=count, block=block_ms)
-        pipe.execute_command("EVALSHA", *read_lanes_args(self.streams, CONSUMER_GROUP, self.consumer, 0))
+        self._blocking_count = count
 
     def _blocking_read_result(self, results: list[Any]) -> list[Pending]:
         """What `_queue_blocking_read` put at the end of a pipeline's results: its entries."""
-        read, probe = results[-2], results[-1]
+        read = results[-1]
         if isinstance(read, Exception):
             raise read
-        if isinstance(probe, Exception):
-            if isinstance(probe, NoScriptError):
-                self.client.script_load(READ_LANES_SCRIPT)
-            else:
-                log.debug("could not ask whether entries wait: %s", probe)
-            self._drained = False  # do not know: the next read takes the highest lane first
-        else:
-            self._drained = not decode_lanes_answer(probe)[1]
+        self._drained = drained_after(read, self._blocking_count)
         return self._decode(read)
 
     def count(self, stream: str, stat: str) -> None:
@@ -221,12 +218,7 @@ class StreamConsumer:
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("MULTI")
-        now = time.time()
-        for item, reply in done:
-            if item.job is not None:
-                answer_in(pipe, item.job, reply, self._job_ttl, now)
-            pipe.xack(item.stream, CONSUMER_GROUP, item.entry_id)
-            pipe.xdel(item.stream, item.entry_id)
+        concerned = self._queue_answers(pipe, done)
         stats = list(self._stats.items())
         for (stream, name), count in stats:
             pipe.hincrby(stats_key(stream), name, count)
@@ -246,7 +238,7 @@ class StreamConsumer:
         # failed (a group lost with Redis's data) fails again, and is handled, at the next read.
         following = self._following(results, blocking, read_next)
         if read_next:
-            del results[-2 if blocking else -1:]
+            del results[-1]
         executed, queued = results[-1], results[1:-1]
         if isinstance(executed, Exception):  # EXECABORT: Redis refused a command, so ran none
             refused = next((r for r in queued if isinstance(r, Exception)), executed)
@@ -254,8 +246,38 @@ class StreamConsumer:
                 raise RepliesRefused(done, following)
             raise refused
         self._stats.clear()  # written (when refused they are kept for the next round trip)
-        _report_failures(done, stats, executed)
+        _report_failures(concerned, stats, executed)
         return following
+
+    def _queue_answers(self, pipe: Any, done: list[Done]) -> list[list[Pending]]:
+        """Queue on `pipe` what answers and acknowledges `done`, a few commands for many entries:
+        one RPUSH (and EXPIRE) per reply list, one XACK and one XDEL per stream. Returns, for each
+        command queued, the entries it concerns (to name them if Redis fails that command)."""
+        concerned: list[list[Pending]] = []
+        now = time.time()
+        replies: dict[str, list[tuple[Pending, str]]] = {}
+        for item, reply in done:
+            if item.job is None:
+                continue
+            if item.job.job_key is not None or reply is None:
+                before = len(pipe.command_stack)
+                answer_in(pipe, item.job, reply, self._job_ttl, now)
+                concerned += [[item]] * (len(pipe.command_stack) - before)
+            else:
+                replies.setdefault(item.job.reply_to, []).append((item, reply))
+        for reply_to, answers in replies.items():
+            pipe.rpush(reply_to, *(reply for _, reply in answers))
+            pipe.expire(reply_to, REPLY_TTL_S)
+            concerned += [[item for item, _ in answers]] * 2
+        by_stream: dict[str, list[Pending]] = {}
+        for item, _ in done:
+            by_stream.setdefault(item.stream, []).append(item)
+        for stream, items in by_stream.items():
+            ids = [item.entry_id for item in items]
+            pipe.xack(stream, CONSUMER_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            concerned += [items] * 2
+        return concerned
 
     def _following(self, results: list[Any], blocking: bool, read_next: bool) -> list[Pending]:
         """The entries the read at the end of `finish`'s round trip took; [] when it failed."""
@@ -290,20 +312,20 @@ class StreamConsumer:
                 for entry_id, fields in entries]
 
 
-def _report_failures(done: list[Done], stats: list[tuple[tuple[str, str], int]], executed: Any) -> None:
+def _report_failures(concerned: list[list[Pending]], stats: list[tuple[tuple[str, str], int]],
+                     executed: Any) -> None:
     """Log the commands of a transaction that Redis ran but failed (a reply list holding another
-    type): such a reply can never be delivered, and sending the transaction again would repeat
-    the rest of it."""
-    results = iter(executed or ())
-    for item, reply in done:
-        sent = item.job is not None and (reply is not None or item.job.job_key is not None)
-        error = next((r for r in [next(results, None) for _ in range(4 if sent else 2)] if isinstance(r, Exception)),
-                     None)
-        if error is not None:
+    type), naming the requests they concerned: such a reply can never be delivered, and sending
+    the transaction again would repeat the rest of it."""
+    results = list(executed or ())
+    for items, outcome in zip(concerned, results, strict=False):
+        if not isinstance(outcome, Exception):
+            continue
+        for item in items:
             where = (item.job.job_key or item.job.reply_to) if item.job is not None else item.stream
             log.error("request %s: its reply could not be stored on %s: %s",
-                      item.job.id if item.job is not None else item.entry_id, where, error)
-    for ((stream, name), _count), outcome in zip(stats, results, strict=False):
+                      item.job.id if item.job is not None else item.entry_id, where, outcome)
+    for ((stream, name), _count), outcome in zip(stats, results[len(concerned):], strict=False):
         if isinstance(outcome, Exception):
             log.error("counter %s of %s could not be updated: %s", name, stats_key(stream), outcome)
 

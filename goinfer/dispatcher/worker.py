@@ -35,7 +35,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 from goinfer.cluster_clients import hash_tag
 from goinfer.connections import RedisRefused, refusal
 from goinfer.dispatcher import metrics
-from goinfer.dispatcher.batching import Work, batch_policies, fill, plan, read_size
+from goinfer.dispatcher.batching import CallTimes, Work, batch_policies, fill, plan, read_size
 from goinfer.dispatcher.lanes import lane_ranks
 from goinfer.dispatcher.liveness import CallBoard, call_limit_s, infer_limit_s, infer_limits, set_limits
 from goinfer.dispatcher.orphans import TierWatch
@@ -78,6 +78,9 @@ class Worker:
         self.stream = StreamConsumer(client or dispatcher_nodes(server, queue_tag(queue_index)), with_lanes(streams),
                                      consumer, read_size(self._policies), server.job_result_ttl_s)
         self._ranks = lane_ranks(streams)
+        # Fast models take several waiting requests per read and answer them together (batching.py).
+        self._read_size = read_size(self._policies)
+        self._calls = CallTimes(list(models), server.take_ahead_ms / 1000)
         self._tiers = TierWatch(self.stream.nodes)
         self._reclaimer = Reclaimer(self.stream, server, lambda job: self.runner.error_reply(job, "DeadLettered"))
         # What this worker runs, for the supervisor, which keeps its entries fresh and stops it
@@ -200,16 +203,24 @@ class Worker:
                    f"the HTTP process waiting for them is gone ({', '.join(sorted(gone))} expired)")
         unsent += [(item, None) for item in expired + orphaned]
         refused = False
+        held_since: float | None = None  # when the oldest reply waiting in `unsent` was ready
         # Highest lane first: live requests taken together with batch rows (one blocking read
         # can return both) are answered before the rows run.
         for work in self._plan(runnable):
-            if unsent and not refused:  # at maxmemory they wait for the batch's last send
+            # Each reply goes out as soon as it is ready, unless the next call is expected to end
+            # soon enough for both to go in one round trip (take-ahead of a fast model).
+            held_s = 0.0 if held_since is None else time.monotonic() - held_since
+            if unsent and not refused and not self._calls.may_hold(work.api, held_s):
                 try:
                     self._send(unsent)
-                    unsent = []
-                except RepliesRefused:
+                    unsent, held_since = [], None
+                except RepliesRefused:  # at maxmemory they wait for the batch's last send
                     refused = True
             unsent += zip(work.items, self._run(work), strict=True)
+            if held_since is None:
+                held_since = time.monotonic()
+        # The next read takes ahead as much as the models' recent calls allow.
+        self.stream.read_count = max(self._read_size, self._calls.take())
         return unsent
 
     def _plan(self, runnable: list[Pending]) -> list[Work[Pending]]:
@@ -288,12 +299,14 @@ class Worker:
         self._board.begin([(self._stream_index.get(item.stream, -1), item.entry_id) for item in work.items],
                           call_limit_s(self._limits.get(work.api, self._default_limit), self._own_limits.get(work.api),
                                        jobs, time.time()))
+        started = time.perf_counter()
         try:
             if work.batched:
                 return self.runner.execute_batch(self.runner.models[work.api], jobs, queued)
             return [self.runner.execute(jobs[0], queued[0])]
         finally:
             self._board.end()
+            self._calls.observe(work.api, time.perf_counter() - started)
 
     def _wait_out(self, exc: BaseException) -> None:
         """One back-off step of a Redis outage; a refusal ends the worker instead."""
