@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="MaxWorkers")
     parser.add_argument("--top", type=int, default=15, help="functions listed per process kind")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--gil", action="store_true",
+                        help="only samples holding the GIL: Python's own CPU, not waits py-spy mistakes for work")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             for pid in pids:
                 out = service.folder / f"profile-{kind}-{pid}.txt"
                 samplers.append((kind, out, subprocess.Popen(
-                    [py_spy, "record", "--format", "raw", "--rate", str(args.rate), "--duration",
+                    [py_spy, "record", *(["--gil"] if args.gil else []), "--format", "raw", "--rate", str(args.rate),
+                     "--duration",
                      str(round(args.duration)), "--pid", str(pid), "--output", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(0.5)  # py-spy attaches

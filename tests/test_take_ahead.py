@@ -8,6 +8,8 @@ answered once and executed once.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from goinfer.client import Client, GoinferError
 from goinfer.dispatcher.batching import TAKE_AHEAD_LIMIT, CallTimes
 from goinfer.queue import stream_name
+from goinfer.testing import FaultProxy
 
 from conftest import APP_ID, APP_SECRET, settings_of, start_redis, stop_redis, url_of, wait_until, write_settings
 
@@ -65,6 +68,44 @@ def test_a_backlog_of_a_fast_model_is_answered_in_few_round_trips(tmp_path: Path
             assert acks <= requests // 2, stats
         else:
             assert acks == requests, stats
+    finally:
+        stop_redis(redis_server)
+
+
+def test_answers_sent_while_the_next_calls_run_survive_connection_resets(tmp_path: Path, processes) -> None:
+    """A backlog of a quick model is served with each round trip in flight while the next calls
+    run (the overlap); resetting the dispatcher's connections again and again must lose no
+    answer and run no request twice, whatever round trip the reset cuts."""
+    requests = 400
+    redis_server = start_redis()
+    try:
+        with FaultProxy.to(redis_server) as proxy:
+            executions = tmp_path / "executions.txt"
+            options = {"MaxWorkers": 2, "MessageTimeout": 120, "TakeAheadMs": 5, "QueueName": "overlap-"}
+            customer = {"ExecutionsFile": str(executions)}
+            tier = write_settings(tmp_path, redis_server.address, name="tier.yaml",
+                                  Models=["sample_models:FileRecorder"], Server=options, Customer=customer)
+            behind = write_settings(tmp_path, proxy.address, name="dispatcher.yaml",
+                                    Models=["sample_models:FileRecorder"], Server=options, Customer=customer)
+            processes.http(tier)
+            client = redis_server.client()
+            stream = stream_name("overlap-", 0)
+            api = Client(url_of(tier), APP_ID, APP_SECRET, sign_type="SHA256", timeout=180)
+            with ThreadPoolExecutor(64) as pool:
+                futures = [pool.submit(_call, api, i, 0.01) for i in range(requests)]
+                wait_until(lambda: client.xlen(stream) >= 64, 60, "a backlog queued")
+                processes.server(behind)
+                wait_until(lambda: executions.exists(), 60, "the dispatcher serving")
+                resets = 0
+                for _ in range(20):
+                    time.sleep(0.1)
+                    resets += proxy.reset()
+                answers = [future.result(150) for future in futures]
+        codes = [answer.code if isinstance(answer, GoinferError) else 0 for answer in answers]
+        assert codes == [0] * requests, Counter(codes)
+        ran = Counter(executions.read_text().split())
+        assert len(ran) == requests and max(ran.values()) == 1, [r for r, n in ran.items() if n > 1]
+        assert resets > 0
     finally:
         stop_redis(redis_server)
 

@@ -30,6 +30,10 @@ T = TypeVar("T")
 
 # Most requests one take-ahead read may take (a bound on one round trip's size).
 TAKE_AHEAD_LIMIT = 32
+# Reading ahead (overlapping a round trip with the calls) pays only while the round trip is a
+# visible share of a call; for slower models a request read ahead could wait a whole call on this
+# worker while another frees up first.
+READ_AHEAD_MAX_CALL_S = 0.05
 # How much a new call time moves a model's estimate.
 _CALL_TIME_WEIGHT = 0.2
 
@@ -148,6 +152,11 @@ class CallTimes:
             return 1
         slowest = max(t for t in times if t is not None)
         return max(1, min(TAKE_AHEAD_LIMIT, int(self._budget_s / max(slowest, 1e-6))))
+
+    def quick(self) -> bool:
+        """Whether every model's calls are short enough to read ahead for (READ_AHEAD_MAX_CALL_S)."""
+        times = [self._seconds.get(api) for api in self._apis]
+        return bool(times) and all(t is not None and t < READ_AHEAD_MAX_CALL_S for t in times)
 
     def may_hold(self, api: str, held_s: float) -> bool:
         """Whether replies already held `held_s` may wait for one more call of `api` to be sent

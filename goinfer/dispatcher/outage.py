@@ -43,14 +43,15 @@ def dispatcher_client(server: ServerSettings, *, timeout_s: float = 30.0) -> red
     return sync_client(server, timeout_s=timeout_s, retries=1)
 
 
-def dispatcher_nodes(server: ServerSettings, home: str, *, timeout_s: float = 30.0) -> NodeClients:
+def dispatcher_nodes(server: ServerSettings, home: str, *, timeout_s: float = 30.0, retries: int = 1) -> NodeClients:
     """The clients of one part of a dispatcher, which fail fast as dispatcher_client's do.
 
     `home` is a key of the slot it works in (its queue's hash tag, or the heartbeats'): on a
     Redis Cluster everything it sends in one round trip goes to the primary serving that slot,
-    found again after a failover; on one Redis, to that Redis.
+    found again after a failover; on one Redis, to that Redis. `retries` 0 for commands that must
+    never be sent twice (see worker.py).
     """
-    return slot_clients(server, home, timeout_s=timeout_s, retries=1)
+    return slot_clients(server, home, timeout_s=timeout_s, retries=retries)
 
 
 class Backoff:

@@ -132,6 +132,11 @@ class StreamConsumer:
         self._blocking_count = read_count
 
     @property
+    def drained(self) -> bool:
+        """Whether the lanes held no undelivered entry at the last look."""
+        return self._drained
+
+    @property
     def client(self) -> redis.Redis:
         """The client of the node that serves the streams (on a cluster, found again after `lost`)."""
         return self.nodes.client
@@ -209,8 +214,9 @@ class StreamConsumer:
         """Add one to a cluster-wide counter of `stream`, written with the next `finish`."""
         self._stats[(stream, stat)] += 1
 
-    def finish(self, done: list[Done], read_next: bool = False) -> list[Pending]:
-        """Send the replies and acknowledge their entries in one round trip, optionally reading on.
+    def finish(self, done: list[Done], read_next: bool = False, block: bool = True) -> list[Pending]:
+        """Send the replies and acknowledge their entries in one round trip, optionally reading on
+        (`block=False`: a read that never waits, for a round trip whose caller has work in hand).
 
         The replies, acknowledgements and counters are one MULTI/EXEC, sent in a plain pipeline
         with the read after it: Redis runs it before a read that blocks. Raises RepliesRefused
@@ -219,20 +225,28 @@ class StreamConsumer:
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("MULTI")
         concerned = self._queue_answers(pipe, done)
-        stats = list(self._stats.items())
+        # Taken, not read: `count` may run on another thread meanwhile (the worker's send overlaps
+        # its model calls); what this round trip does not write is given back below.
+        counters, self._stats = self._stats, Counter()
+        stats = list(counters.items())
         for (stream, name), count in stats:
             pipe.hincrby(stats_key(stream), name, count)
         pipe.execute_command("EXEC")
         # The next read: while entries wait, the lanes' script (highest lane first); once the
         # lanes are drained, the blocking read on all of them, as one round trip either way.
-        blocking = read_next and self._drained
+        blocking = read_next and self._drained and block
         if blocking:
             self._queue_blocking_read(pipe, self.read_count, READ_BLOCK_MS)
         elif read_next:
             pipe.execute_command("EVALSHA", *read_lanes_args(self.streams, CONSUMER_GROUP, self.consumer,
                                                                self.read_count))
-        results = pipe.execute(raise_on_error=False)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except BaseException:
+            self._stats.update(counters)
+            raise
         if isinstance(results[0], Exception):  # MULTI itself refused (an ACL): what followed ran bare
+            self._stats.update(counters)
             raise results[0]
         # The read is allowed at maxmemory and ran whatever became of the transaction; one that
         # failed (a group lost with Redis's data) fails again, and is handled, at the next read.
@@ -242,10 +256,10 @@ class StreamConsumer:
         executed, queued = results[-1], results[1:-1]
         if isinstance(executed, Exception):  # EXECABORT: Redis refused a command, so ran none
             refused = next((r for r in queued if isinstance(r, Exception)), executed)
+            self._stats.update(counters)  # not written: kept for the next round trip
             if is_out_of_memory(refused):
                 raise RepliesRefused(done, following)
             raise refused
-        self._stats.clear()  # written (when refused they are kept for the next round trip)
         _report_failures(concerned, stats, executed)
         return following
 

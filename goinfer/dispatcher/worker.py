@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -75,8 +76,13 @@ class Worker:
         streams = streams_for(server.queue_name, [m.queue or None for m in models.values()], [queue_index],
                               with_default=True)
         # Every priority lane of those streams, highest first: live requests, jobs, batch rows.
-        self.stream = StreamConsumer(client or dispatcher_nodes(server, queue_tag(queue_index)), with_lanes(streams),
-                                     consumer, read_size(self._policies), server.job_result_ttl_s)
+        # No retry by redis-py: a read (XREADGROUP, XAUTOCLAIM) whose answer a reset cut has
+        # taken entries all the same, and a silent retry would take the next ones and leave those
+        # pending with this consumer, kept fresh and never served. Failing instead lets the worker
+        # take back what it holds (`own`) once Redis answers.
+        nodes = client or dispatcher_nodes(server, queue_tag(queue_index), retries=0)
+        self.stream = StreamConsumer(nodes, with_lanes(streams), consumer, read_size(self._policies),
+                                     server.job_result_ttl_s)
         self._ranks = lane_ranks(streams)
         # Fast models take several waiting requests per read and answer them together (batching.py).
         self._read_size = read_size(self._policies)
@@ -101,6 +107,12 @@ class Worker:
         # again once Redis answers, for the entries still pending with us, instead of running
         # their requests again.
         self._unsent: list[Done] = []
+        # Overlap: while a worker holds requests read ahead, the round trip that answers the last
+        # ones (and reads the next) runs in this thread as the models run the held ones, instead
+        # of between calls. One send at a time: every other use of the stream settles it first.
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="goinfer-send")
+        self._in_flight: Future[list[Pending]] | None = None
+        self._ahead: list[Pending] = []  # what the settled send's read took, not yet served
         self.stopping = False
 
     @property
@@ -136,19 +148,24 @@ class Worker:
         # was lost. The supervisor keeps a live worker's entries fresh, so no other worker would
         # ever claim them: this worker takes them back itself, once it holds nothing else.
         recover_own = True
-        while pending or self._unsent or not self.stopping:
+        while pending or self._unsent or self._in_flight is not None or self._ahead or not self.stopping:
             try:
                 if not self._groups_ready:
                     self.stream.ensure_groups()
                     self._groups_ready = True
                 if self._unsent:
                     self._send_again()
+                if not pending:
+                    pending = self._held()
                 if recover_own and not pending:
                     pending, recover_own = self._reclaimer.own(), False
-                if not pending and not self.stopping:
+                if not self.stopping:
+                    # Entries of dead or hung workers, every RECLAIM_INTERVAL_S, backlog or not.
                     # Told to stop: nothing new is taken. What the last read brought (it may have
                     # been under way when the stop came) is in `pending`, and served first.
-                    pending = self._reclaimer.due() or self.stream.read()
+                    pending = pending + self._reclaimer.due()
+                    if not pending:
+                        pending = self.stream.read()
                 if pending:
                     # Handed over: if serving them fails on Redis, what was answered is in
                     # _unsent and the rest is still pending with us (recovered by `own`), so
@@ -157,6 +174,7 @@ class Worker:
                     pending = self._serve(taken)
                 self._healthy()
             except (RedisError, OSError) as exc:
+                self._abandon_in_flight()
                 if self.stopping:
                     # Waiting Redis out is not for a worker told to stop: what it holds stays
                     # pending in Redis and runs again after the restart (or on another worker).
@@ -178,10 +196,59 @@ class Worker:
                 recover_own = True
 
     def _serve(self, pending: list[Pending]) -> list[Pending]:
-        """Run what was taken and answer it; returns the entries read in the same round trip."""
+        """Run what was taken and answer it; returns what to serve next, read in the round trip
+        that answers these, or, when a read ahead brought some, with that round trip still in
+        flight (the overlap)."""
         pending = fill(pending, lambda n: self.stream.read(n, block_ms=None), _api, self._policies,
                        self.stream.read_count)
-        return self._finish(self._process(pending), read_next=not self.stopping)
+        done = self._process(pending)
+        try:
+            self._settle()
+        except (RedisError, OSError):
+            self._unsent.extend(done)  # answered: sent again, not run again
+            raise
+        ahead, self._ahead = self._ahead, []
+        if ahead and not self.stopping:
+            # The overlap: answer these (and read on, if the models are quick) while `ahead` runs.
+            self._in_flight = self._sender.submit(self._send_unsettled, done, self._calls.quick(), False)
+            return ahead
+        following = self._finish(done, read_next=not self.stopping and not ahead)
+        if following and not ahead and not self.stopping and not self.stream.drained and self._calls.quick():
+            # More waits and no worker is idle: read the next ones while these run, so that from
+            # now on each round trip overlaps the calls.
+            self._in_flight = self._sender.submit(self._send_unsettled, [], True, False)
+        return ahead + following
+
+    def _held(self) -> list[Pending]:
+        """What the send in flight read (waiting for it), or what an earlier one read."""
+        self._settle()
+        ahead, self._ahead = self._ahead, []
+        return ahead
+
+    def _settle(self) -> None:
+        """Wait for the send in flight; what its read took joins `_ahead`. Raises its Redis error
+        (its answers are in _unsent by then); replies Redis refused at maxmemory are held here."""
+        if self._in_flight is None:
+            return
+        future, self._in_flight = self._in_flight, None
+        try:
+            self._ahead += future.result()
+        except RepliesRefused as refused:
+            if self._hold(refused):
+                self._ahead += refused.following
+
+    def _abandon_in_flight(self) -> None:
+        """After a Redis error: wait for the send in flight and forget what it read (still pending
+        with this consumer: `own` takes it back); its answers, if not stored, are in _unsent."""
+        future, self._in_flight, self._ahead = self._in_flight, None, []
+        if future is None:
+            return
+        try:
+            future.result()
+        except RepliesRefused as refused:
+            self._unsent.extend(refused.done)
+        except (RedisError, OSError):
+            pass
 
     def _process(self, pending: list[Pending]) -> list[Done]:
         """Run the jobs, sending each reply as soon as it is ready; the last ones are returned."""
@@ -216,7 +283,11 @@ class Worker:
                     unsent, held_since = [], None
                 except RepliesRefused:  # at maxmemory they wait for the batch's last send
                     refused = True
-            unsent += zip(work.items, self._run(work), strict=True)
+            try:
+                unsent += zip(work.items, self._run(work), strict=True)
+            except (RedisError, OSError):
+                self._unsent.extend(unsent)  # answers held for one round trip: sent again, not run again
+                raise
             if held_since is None:
                 held_since = time.monotonic()
         # The next read takes ahead as much as the models' recent calls allow.
@@ -252,7 +323,16 @@ class Worker:
         was stored (a connection lost after writing). RepliesRefused stored nothing: the caller
         holds those."""
         try:
-            return self.stream.finish(done, read_next=read_next)
+            self._settle()
+        except (RedisError, OSError):
+            self._unsent.extend(done)
+            raise
+        return self._send_unsettled(done, read_next)
+
+    def _send_unsettled(self, done: list[Done], read_next: bool = False, block: bool = True) -> list[Pending]:
+        """stream.finish, with nothing else in flight (the sender thread's job, or `_send`'s)."""
+        try:
+            return self.stream.finish(done, read_next=read_next, block=block)
         except RepliesRefused:
             raise
         except (RedisError, OSError):
@@ -263,6 +343,7 @@ class Worker:
         """Send the replies of _unsent whose entries are still pending with this consumer; the
         others were stored and acknowledged before the connection failed (or were claimed by
         another worker after a long outage, which answers them)."""
+        self._settle()
         still = {(stale.stream, stale.entry_id) for stale in
                  find_stale(self.stream.client, self.stream.streams, 0, self.stream.consumer)}
         unsent, self._unsent = self._unsent, []
