@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from goinfer import jsoncodec
+
 CONSUMER_GROUP = "goinfer"
 JOB_FIELD = "m"
 REPLY_KEY_PREFIX = "goinfer:reply:"
@@ -431,7 +433,7 @@ def _dumps(body: dict[str, Any], what: str, default: Callable[[Any], Any] | None
     recursion limit raises RecursionError, which callers catching ValueError would miss.
     """
     try:
-        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default)
+        text = jsoncodec.dumps(body, default)
     except RecursionError:
         raise ValueError(f"{what} cannot be sent as JSON: it is nested too deeply") from None
     except (TypeError, ValueError) as exc:
@@ -454,10 +456,10 @@ def _valid_utf8(text: str) -> str:
 
 
 def _json(raw: bytes | str) -> Any:
-    """json.loads for what comes out of Redis: hostile nesting is a ValueError like any bad JSON,
-    not the RecursionError json raises for it."""
+    """json.loads (jsoncodec's: the same values, faster) for what comes out of Redis: hostile
+    nesting is a ValueError like any bad JSON, not the RecursionError json raises for it."""
     try:
-        return json.loads(raw)
+        return jsoncodec.loads(raw)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

@@ -513,3 +513,30 @@ class Doubler(Model):
         if params["fail"]:
             raise ApiError(4200, "asked to fail")
         return {"double": params["x"] * 2}
+
+
+class EntryThread(Model):
+    """Answers with the name of the thread its api_entry ran in (in the HTTP process); its
+    api_entry raises SystemExit when asked (`exit`)."""
+
+    api_path = "/api/entry-thread"
+
+    def init(self) -> None:
+        pass
+
+    def api_entry(self, data: dict[str, Any]) -> dict[str, Any]:
+        import threading
+
+        if data.get("exit"):
+            raise SystemExit("asked to exit")
+        return {"thread": threading.current_thread().name}
+
+    def infer(self, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return params
+
+
+class EntryThreadOnLoop(EntryThread):
+    """EntryThread with Model.api_entry_on_loop."""
+
+    api_path = "/api/entry-thread-on-loop"
+    api_entry_on_loop = True

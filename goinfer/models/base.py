@@ -34,6 +34,13 @@ class Model(abc.ABC):
     place of a result fails that request alone. A model with only `infer` is never batched.
     `batch_size` / `batch_timeout_ms` override the settings' Server.BatchSize / BatchTimeoutMs.
 
+    `api_entry_on_loop = True` says that `api_entry` only checks and reshapes `data`, quickly and
+    without ever waiting (no I/O, sleep or lock), so the HTTP tier calls it on its event loop
+    instead of in a thread of the model's pool: the hand-off to a thread and back costs more CPU
+    (~0.05 ms per request) than such an api_entry. The price is the pool's protection: while it
+    runs, no other request of the HTTP process moves, so one that blocks stalls them all. Off by
+    default; the built-in Echo model sets it.
+
     `max_infer_seconds` overrides Server.MaxInferSeconds for this model: one call of `infer` (or
     `infer_batch`) running longer is stuck, its worker is stopped and its requests are answered
     InferFail. A call that is merely slow, within it, runs once, however long it holds the GIL.
@@ -53,6 +60,7 @@ class Model(abc.ABC):
     batch_size: ClassVar[int | None] = None
     batch_timeout_ms: ClassVar[float | None] = None
     max_infer_seconds: ClassVar[float | None] = None
+    api_entry_on_loop: ClassVar[bool] = False
     warmup_params: ClassVar[Sequence[dict[str, Any]]] = ()
 
     settings: Any = None
@@ -69,6 +77,9 @@ class Model(abc.ABC):
         queue = cls.__dict__.get("queue")
         if queue is not None and not isinstance(queue, str):
             raise TypeError(f"{cls.__qualname__}.queue must be a string, got {queue!r}")
+        on_loop = cls.__dict__.get("api_entry_on_loop")
+        if on_loop is not None and not isinstance(on_loop, bool):
+            raise TypeError(f"{cls.__qualname__}.api_entry_on_loop must be True or False, got {on_loop!r}")
         limit = cls.__dict__.get("max_infer_seconds")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
                                   or not 0 < limit < float("inf")):
@@ -93,7 +104,8 @@ class Model(abc.ABC):
         """Check the request's `data` in the HTTP tier; return the params put on the queue.
 
         Runs in a thread of this model's own pool in the HTTP process (API.ApiEntryThreads of
-        them; 0 puts it back on the event loop), so a slow call delays only this model's requests;
+        them; 0, or the class attribute `api_entry_on_loop`, puts it on the event loop), so a
+        slow call delays only this model's requests;
         several calls may run at once, so keep shared state thread-safe. When all threads are
         busy and API.MaxWaitingApiEntries requests wait, the next is refused with ApiEntryBusy
         (9714). Threads share the GIL: keep heavy computation for `infer`. Raise

@@ -12,6 +12,7 @@ from goinfer.models.base import Model
 
 class Echo(Model):
     api_path = "/api/echo"
+    api_entry_on_loop = True  # it returns its input: a thread hand-off would cost more than the call
 
     def init(self) -> None:
         pass

@@ -1,0 +1,226 @@
+"""What the HTTP tier does to spend less CPU per request, and that none of it changes an answer.
+
+- A model whose api_entry never blocks says so (Model.api_entry_on_loop) and is called on the
+  event loop; every other model's api_entry still runs in its own threads.
+- orjson writes and reads the messages and the envelope only where its result is the json
+  module's (goinfer/jsoncodec.py): the same values, the same envelope bytes, the same errors.
+- Log lines (one per request in the access log) spell each second's date and time once.
+- A body that came whole with its headers is read without a timer; one that trickles in is
+  still read whole.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import re
+import socket
+import time
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from goinfer import jsoncodec
+from goinfer.client import signed_body
+from goinfer.http import envelope
+from goinfer.logs import FORMAT, LineFormatter, setup_logging
+from goinfer.models.base import Model
+from goinfer.models.echo import Echo
+from goinfer.queue import Job, Reply
+
+from conftest import APP_ID, APP_SECRET, post_raw, settings_of, url_of, write_settings
+
+# --- api_entry on the event loop ------------------------------------------------------------------
+
+
+def sign(data: dict[str, Any]) -> bytes:
+    return signed_body(data, app_id=APP_ID, app_secret=APP_SECRET, sign_type="SHA256")
+
+
+def test_api_entry_on_loop_runs_on_the_event_loop_and_other_models_in_their_threads(
+        tmp_path, redis_server, processes):
+    settings = write_settings(tmp_path, redis_server.address,
+                              Models=["sample_models:EntryThread", "sample_models:EntryThreadOnLoop"])
+    http = processes.http(settings)
+    processes.server(settings)
+    url = url_of(settings)
+    threads = {}
+    for path in ("/api/entry-thread", "/api/entry-thread-on-loop"):
+        status, answer = post_raw(url + path, sign({}))
+        assert status == 200 and answer["code"] == 0, answer
+        threads[path] = answer["data"]["thread"]
+    assert threads["/api/entry-thread-on-loop"] == "MainThread"  # the event loop's
+    assert threads["/api/entry-thread"].startswith("api_entry-EntryThread-")  # its model's pool
+    # SystemExit from an api_entry fails its request alone, on the loop as in a thread.
+    for path in ("/api/entry-thread", "/api/entry-thread-on-loop"):
+        status, answer = post_raw(url + path, sign({"exit": 1}))
+        assert (status, answer["code"]) == (200, 9701), answer
+        assert answer["data"]["msg"] == "api entry fail : api_entry raised SystemExit: asked to exit"
+    assert post_raw(url + "/api/entry-thread-on-loop", sign({}))[1]["code"] == 0
+    assert http.process.poll() is None
+
+
+def test_the_built_in_echo_model_opts_in_and_the_default_is_the_pool():
+    assert Echo.api_entry_on_loop is True
+    assert Model.api_entry_on_loop is False
+
+
+def test_api_entry_on_loop_must_be_a_bool():
+    with pytest.raises(TypeError, match="api_entry_on_loop must be True or False"):
+        type("Wrong", (Echo,), {"api_path": "/api/wrong", "api_entry_on_loop": 1})
+
+
+# --- JSON: orjson where it gives the json module's result -------------------------------------------
+
+# JSON values as a model or a client makes them: floats of every size (1e-7 is spelled apart by
+# orjson), integers beyond 64 bits (read as floats by orjson), None, text of any code point.
+json_scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**70, max_value=2**70)
+                | st.floats(allow_nan=False, allow_infinity=False)
+                | st.sampled_from([1e-7, 1.5e-5, 0.00001, 1e16, 1e21, -0.0, 2**63, 2**64, -2**63 - 1])
+                | st.text())
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=5), max_leaves=20)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (1 is not 1.0 here, nor -0.0 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return bool(a == b)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_loads_reads_what_json_reads(value):
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    assert same(jsoncodec.loads(raw), json.loads(raw))
+
+
+@pytest.mark.parametrize("raw", [b"[NaN]", b"[Infinity]", b'"\\ud800"', b"1e400", b"18446744073709551616",
+                                 b"-9223372036854775809", b'{"a":1,"a":2}', "[1]".encode("utf-16"), b"\xef\xbb\xbf[1]",
+                                 b"[1,]", b"\xff", b"[" * 100 + b"]" * 100])
+def test_loads_gives_json_s_value_or_error_where_orjson_differs(raw):
+    try:
+        expected: Any = json.loads(raw)
+    except ValueError as exc:
+        with pytest.raises(type(exc)):
+            jsoncodec.loads(raw)
+        return
+    got = jsoncodec.loads(raw)
+    assert same(got, expected) or (isinstance(expected, list) and math.isnan(expected[0]) and math.isnan(got[0]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_dumps_reads_back_as_json_s_text_does(value):
+    text = jsoncodec.dumps(value)
+    assert same(json.loads(text), json.loads(json.dumps(value, ensure_ascii=False)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_dumps_sorted_is_json_s_bytes_or_nothing(value):
+    fast = jsoncodec.dumps_sorted(value)
+    expected = (json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                + "\n").encode()
+    assert fast is None or fast == expected
+
+
+def test_dumps_sorted_is_taken_for_a_usual_answer():
+    body = {"code": 0, "data": {"text": "测试 <&>\u2028\n\"", "n": 3, "x": 0.25, "v": [1.5, -2.0, 1e16],
+                                "ok": True}, "appId": "A"}
+    fast = jsoncodec.dumps_sorted(body)
+    assert fast == (json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+@pytest.mark.parametrize("data", [{"x": 1e-7}, {"x": None}, {"x": 2**64}, {"x": [[[]]] * 3, "y": 0.00001},
+                                  {"big": 10**30, "small": 5e-324}])
+def test_the_envelope_is_json_s_bytes(data):
+    body = envelope.success("A1", "20260101" + "0" * 32, data).body
+    assert isinstance(body, bytes)
+    parsed = json.loads(body)
+    expected = dict(parsed, data={**data, "msg": "success", "requestId": "20260101" + "0" * 32})
+    assert body == (json.dumps(expected, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def test_messages_refuse_what_they_refused():
+    for bad, reason in (({"x": float("nan")}, "it holds NaN or Infinity"),
+                        ({"x": "\ud800"}, "it holds the lone surrogate U+D800, which is not valid UTF-8"),
+                        ({"x": object()}, "Object of type object is not JSON serializable")):
+        with pytest.raises(ValueError, match=re.escape(f"params cannot be sent as JSON: {reason}")):
+            Job("r1", "/api/x", bad, "goinfer:reply:x", 1.0).encode()
+        with pytest.raises(ValueError, match=re.escape(f"the result cannot be sent as JSON: {reason}")):
+            Reply("r1", 0, data=bad).encode()
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+def test_uuids_and_enums_travel_as_their_value_whichever_encoder_writes_them():
+    """orjson writes them itself; the json module (taken when a message holds null) is told to
+    write them the same way, so a message never depends on which one wrote it."""
+    key = uuid.UUID(int=7)
+    for params in ({"id": key, "colour": Colour.RED}, {"id": key, "colour": Colour.RED, "none": None}):
+        decoded = Job.decode(Job("r1", "/api/x", params, "goinfer:reply:x", 1.0).encode())
+        assert decoded.params["id"] == str(key) and decoded.params["colour"] == "red"
+
+
+def test_replies_keep_integers_beyond_64_bits_exact():
+    data = {"big": 2**64 + 1, "neg": -2**63 - 1, "n": 12345678901234567890123}
+    assert Reply.decode(Reply("r1", 0, data=data).encode().encode()).data == data
+
+
+# --- the log's format ------------------------------------------------------------------------------
+
+
+def test_log_lines_are_the_formatter_s_byte_for_byte():
+    """LineFormatter spells each second's date and time once; the lines stay logging's own."""
+    ours, theirs = LineFormatter(FORMAT), logging.Formatter(FORMAT)
+    start = time.time()
+    for step in range(5000):  # across many second boundaries, every millisecond value
+        record = logging.LogRecord("goinfer.access", logging.INFO, __file__, 1, "POST %s code=%d", ("/api/echo", 0),
+                                   None)
+        record.created = start + step * 0.0173
+        record.msecs = (record.created - int(record.created)) * 1000
+        assert ours.format(record) == theirs.format(record)
+
+
+def test_the_goinfer_handler_uses_it():
+    setup_logging()
+    [handler] = [h for h in logging.getLogger().handlers if getattr(h, "_goinfer", False)]
+    assert isinstance(handler.formatter, LineFormatter)
+
+
+# --- reading the body -----------------------------------------------------------------------------
+
+
+def test_a_body_that_trickles_in_after_its_headers_is_read_whole(tmp_path, redis_server, processes):
+    settings = write_settings(tmp_path, redis_server.address)
+    processes.http(settings)
+    processes.server(settings)
+    body = sign({"text": "x" * 3000})
+    port = settings_of(settings)["API"]["Port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:100])
+        time.sleep(0.3)
+        conn.sendall(body[100:])
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    envelope_ = json.loads(payload)
+    assert envelope_["code"] == 0 and envelope_["data"]["text"] == "x" * 3000
