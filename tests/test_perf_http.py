@@ -224,3 +224,42 @@ def test_a_body_that_trickles_in_after_its_headers_is_read_whole(tmp_path, redis
     assert head.startswith(b"HTTP/1.1 200")
     envelope_ = json.loads(payload)
     assert envelope_["code"] == 0 and envelope_["data"]["text"] == "x" * 3000
+
+
+def test_replies_are_read_without_blmpop_on_a_redis_that_has_none(tmp_path, processes) -> None:
+    """Replies come back with one BLMPOP per wake-up (Redis 7); a Redis without it (older, or
+    with the command renamed away, as here) is read with BLPOP and LPOP instead."""
+    import shutil
+    import subprocess
+
+    from goinfer.testing import free_port, wait_until
+
+    port = free_port()
+    redis_server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port),
+                                     "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                     "--rename-command", "BLMPOP", ""], stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        wait_until(lambda: _pings(client), 20, "redis-server to answer")
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.execute_command("BLMPOP", 0.01, 1, "k", "LEFT")
+        settings = write_settings(tmp_path, f"127.0.0.1:{port}", Models=["goinfer.models.echo:Echo"])
+        processes.server(settings)
+        processes.http(settings)
+        url = url_of(settings) + "/api/echo"
+        for i in range(20):
+            body = signed_body({"text": f"t{i}", "image": ""}, app_id=APP_ID, app_secret=APP_SECRET, sign_type="SHA256")
+            status, answer = post_raw(url, body, timeout=30)
+            assert status == 200 and answer["code"] == 0 and answer["data"]["text"] == f"t{i}", answer
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
