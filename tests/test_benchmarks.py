@@ -1,0 +1,150 @@
+"""The benchmark suite: rounds and their medians, CPU split by process kind, the targets table,
+the embedding ceiling. Figures are never asserted (the machine's load decides them), only that
+each is measured, kept per round, and compared with the right reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import ceiling, reference, run
+from benchmarks.run import CeilingRound, Point
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def point(scenario: str, connections: int, rps: float, round_number: int = 1, *, p50: float = 1.0,
+          p99: float = 2.0, cpu: float = 0.5) -> Point:
+    return Point(scenario, connections, rps, p50, p99, 100, 0, "", cpu,
+                 {"http": cpu / 2, "dispatcher": 0.0, "workers": cpu / 4, "redis": cpu / 4}, cpu / 10,
+                 round=round_number)
+
+
+def test_medians_are_taken_per_column_over_the_rounds() -> None:
+    rounds = [point("echo-sha256", 64, 100, 1, p50=9, cpu=0.3), point("echo-sha256", 64, 300, 2, p50=1, cpu=0.9),
+              point("echo-sha256", 64, 200, 3, p50=5, cpu=0.6), point("echo-sm2", 64, 50, 1)]
+    medians = {(p.scenario, p.connections): p for p in run.median_points(rounds)}
+    sha = medians["echo-sha256", 64]
+    assert (sha.rps, sha.p50_ms, sha.cpu_ms, sha.cpu_split["http"], sha.load_cpu_ms) == (200, 5, 0.6, 0.3, 0.06)
+    assert sha.requests == 300 and sha.round == 3  # all rounds' requests; round holds how many rounds
+    assert medians["echo-sm2", 64].rps == 50
+
+
+def test_only_selects_by_name_or_prefix() -> None:
+    class Args:
+        only = {"embedding-short", "echo"}
+
+    assert run.selected(Args, "echo-sha256") and run.selected(Args, "echo-sm2")
+    assert run.selected(Args, "embedding-short-batch-on") and not run.selected(Args, "embedding-long-batch-on")
+    assert not run.selected(Args, "embedding-ceiling") and not run.selected(Args, "echo2")
+    Args.only = set()
+    assert run.selected(Args, "anything")
+
+
+def by_key(points: list[Point]) -> dict[tuple[str, int], Point]:
+    return {(p.scenario, p.connections): p for p in points}
+
+
+def verdicts(targets: list[reference.Target]) -> dict[str, bool | None]:
+    return {t.name: t.met for t in targets}
+
+
+def test_targets_compare_with_go_infer_and_the_issue_thresholds() -> None:
+    points = by_key([
+        point("echo-sha256", 64, 4300, cpu=0.31), point("echo-sha256", 256, 4500, cpu=0.20),
+        point("echo-sha256", 1, 900, p50=0.69),
+        point("echo-sm2", 16, 1853), point("echo-sm2", 64, 1900), point("echo-sm2", 256, 1855),
+        point("sleep-10ms", 64, 780, cpu=0.54),
+    ])
+    got = verdicts(reference.evaluate_targets(points, {"served": 500, "p99_ms": 200, "ceiling": 600, "batch": 32,
+                                                       "ratio": 0.84, "cpu_ratio": 0.9}))
+    assert got == {
+        "SHA256 echo, 64 conns: req/s ≥ go-infer": True,  # 4300 ≥ 4285
+        "SHA256 echo, 64 conns: CPU/request ≤ go-infer": False,  # 0.31 > 0.30
+        "SHA256 echo, 256 conns: req/s ≥ go-infer": False,  # 4500 < 4602
+        "SHA256 echo, 256 conns: CPU/request ≤ go-infer": True,
+        "SM2 echo, 16 conns: req/s ≥ 2x go-infer": False,  # 1853 < 2 x 927
+        "SM2 echo, 64 conns: req/s ≥ 2x go-infer": True,
+        "SM2 echo, 256 conns: req/s ≥ 2x go-infer": True,
+        "SHA256 echo, 1 conn: p50 ≤ 0.7 ms": True,
+        "10 ms model, MaxWorkers 8, 64 conns: req/s ≥ 776": True,
+        "10 ms model: framework CPU/request ≤ go-infer": False,  # 0.54 > 0.53
+        "embedding, short texts, 64 conns, batching on: ≥ 85% of the in-process ceiling": False,
+    }
+    missing = verdicts(reference.evaluate_targets({}, None))
+    assert set(missing.values()) == {None}, "a target whose point did not run is neither met nor missed"
+
+
+def test_served_over_ceiling_is_the_median_of_each_rounds_ratio() -> None:
+    def ceilings(round_number: int, rates: dict[int, float]) -> CeilingRound:
+        return CeilingRound(round_number, [ceiling.Ceiling(batch, rate, 10.0, 3.0) for batch, rate in rates.items()])
+
+    served = [point("embedding-short-batch-on", 64, rps, n, cpu=3.5) for n, rps in ((1, 300), (2, 450), (3, 400))]
+    # Batch 64 is above the served BatchSize: the served workers cannot reach it.
+    size = run.EMBEDDING_BATCHING["on"]
+    assert 8 < size < 64
+    rounds = [ceilings(1, {8: 400, size: 500, 64: 900}), ceilings(2, {8: 500, size: 450}),
+              ceilings(3, {8: 380, size: 800})]
+    ratio = run.embedding_ratio(served, rounds)
+    assert ratio is not None
+    assert ratio["rounds"] == [300 / 500, 450 / 500, 400 / 800]
+    assert ratio["ratio"] == 0.6 and ratio["batch"] == size and ratio["served"] == 400
+    assert ratio["framework_cpu_ms"] == pytest.approx(0.5) and ratio["cpu_ratio"] == pytest.approx(3.0 / 3.5)
+    assert run.embedding_ratio(served, []) is None
+
+
+def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> None:
+    """Two rounds of the SHA256 echo at 1 connection, through the command line."""
+    out, report = tmp_path / "results.json", tmp_path / "results.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--duration", "1", "--rounds", "2", "--only", "echo-sha256",
+         "--connections", "1", "--json", str(out), "--output", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [(p["scenario"], p["connections"], p["round"]) for p in data["rounds"]] == \
+        [("echo-sha256", 1, 1), ("echo-sha256", 1, 2)]
+    for measured in data["rounds"]:
+        assert measured["requests"] > 0 and measured["errors"] == 0
+        split = measured["cpu_split"]
+        assert set(split) == {"http", "dispatcher", "workers", "redis"}
+        assert split["http"] > 0 and split["workers"] > 0 and split["redis"] > 0
+        assert sum(split.values()) == pytest.approx(measured["cpu_ms"])
+        assert measured["load_cpu_ms"] > 0  # measured, and kept out of cpu_ms
+    [median] = data["medians"]
+    assert median["round"] == 2 and median["requests"] == sum(p["requests"] for p in data["rounds"])
+    targets = {t["name"]: t for t in data["targets"]}
+    assert targets["SHA256 echo, 1 conn: p50 ≤ 0.7 ms"]["met"] is not None
+    assert targets["SHA256 echo, 64 conns: req/s ≥ go-infer"]["met"] is None
+    text = report.read_text()
+    assert "| target | measured (median) | reference | verdict |" in text and "## Every round" in text
+    assert "not run" in result.stdout
+
+
+def test_help_names_every_option() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--duration", "--rounds", "--connections", "--only", "--json", "--output",
+                   "--embedding-connections", "--ceiling-batches", "--ceiling-seconds"):
+        assert option in result.stdout
+
+
+def test_an_unknown_scenario_is_refused() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--only", "echo-sha512"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "echo-sha512" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_ceiling_runs_the_served_layout_in_process() -> None:
+    from testdata import require_embedding_stack
+
+    require_embedding_stack()
+    measured = ceiling.measure(run.SHORT_TEXT, [1, 4], 0.3, processes=2, threads=1)
+    assert [c.batch for c in measured] == [1, 4]
+    for c in measured:
+        assert c.sentences_s > 0 and c.call_ms > 0 and c.cpu_ms_per_sentence > 0
