@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.options import positive_numbers
+
 ROOT = Path(__file__).resolve().parents[1]
 # Between two batch sizes' windows: longer than one call of the largest batch of short texts, so a
 # process that overran its window never overlaps the next one.
@@ -132,22 +134,12 @@ def best(ceilings: list[Ceiling], largest_batch: int | None = None) -> Ceiling:
                key=lambda c: c.sentences_s)
 
 
-def _numbers(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.run import SHORT_TEXT
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=_numbers, default=[1, 8, 16, 32, 64],
+    parser.add_argument("--batches", type=positive_numbers, default=[1, 8, 16, 32, 64],
                         help="batch sizes (default 1,8,16,32,64)")
     parser.add_argument("--seconds", type=float, default=5.0, help="encoding time per batch size (default 5)")
     parser.add_argument("--processes", type=int, default=2, help="encoder processes (default 2, as MaxWorkers)")

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.options import positive_numbers
+
 SENTENCE = "{} A man is playing a guitar on stage."
 
 
@@ -113,24 +115,15 @@ def served(args: argparse.Namespace) -> None:
             print(f"| {connections} | {point.rps:.0f} | {point.p50_ms:.1f} | {point.p99_ms:.1f} | {point.errors} |")
 
 
-def _numbers(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.devices", description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=_numbers, default=[1, 8, 32, 128], help="batch sizes (default 1,8,32,128)")
+    parser.add_argument("--batches", type=positive_numbers, default=[1, 8, 32, 128],
+                        help="batch sizes (default 1,8,32,128)")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per point (default 2)")
     parser.add_argument("--cpu-threads", type=int, default=os.cpu_count() or 1,
                         help="TensorFlow intra-op threads in-process (default: all CPUs)")
     parser.add_argument("--served", action="store_true", help="through goinfer instead of in-process")
-    parser.add_argument("--connections", type=_numbers, default=[16, 64], help="--served: connections (16,64)")
+    parser.add_argument("--connections", type=positive_numbers, default=[16, 64], help="--served: connections (16,64)")
     parser.add_argument("--cpu-workers", type=int, default=2, help="--served without a GPU: workers (default 2)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from benchmarks import ceiling as encoder_ceiling
+from benchmarks.options import positive_numbers
 from benchmarks.reference import GOINFER_PROVENANCE, Target, evaluate_targets
 from goinfer.client import SignType
 from goinfer.queue import stream_name
@@ -680,16 +681,6 @@ def json_results(points: list[Point], memory: dict[str, float], args: Any, ceili
     }
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
 SCENARIOS = ("echo-sha256", "echo-sm2", "baseline-one-hop", "sleep-10ms", "attack",
              "embedding-short-batch-off", "embedding-long-batch-off", "embedding-short-batch-on",
              "embedding-long-batch-on", "embedding-ceiling")
@@ -701,16 +692,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per point (default 10)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; the table shows each column's median (default 3)")
-    parser.add_argument("--connections", type=_levels, default=[1, 16, 64, 256],
+    parser.add_argument("--connections", type=positive_numbers, default=[1, 16, 64, 256],
                         help="echo concurrency levels (default 1,16,64,256)")
     parser.add_argument("--http-workers", type=int, default=1, help="goinfer http --workers (default 1)")
     parser.add_argument("--echo-workers", type=int, default=2, help="MaxWorkers of the echo dispatcher (default 2)")
     parser.add_argument("--only", default="",
                         help="comma-separated scenarios, or prefixes of them (echo, embedding, embedding-short): "
                              + ", ".join(SCENARIOS) + " (default: all)")
-    parser.add_argument("--embedding-connections", type=_levels, default=[1, 16, 64],
+    parser.add_argument("--embedding-connections", type=positive_numbers, default=[1, 16, 64],
                         help="embedding concurrency levels (default 1,16,64)")
-    parser.add_argument("--ceiling-batches", type=_levels, default=[1, 8, 16, EMBEDDING_BATCHING["on"]],
+    parser.add_argument("--ceiling-batches", type=positive_numbers, default=[1, 8, 16, EMBEDDING_BATCHING["on"]],
                         help="embedding-ceiling: batch sizes timed in-process; the best one up to the served "
                              f"BatchSize ({EMBEDDING_BATCHING['on']}) is the ceiling "
                              f"(default 1,8,16,{EMBEDDING_BATCHING['on']})")
