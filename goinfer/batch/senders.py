@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
@@ -48,6 +48,7 @@ from goinfer.queue import (
     tier_alive_key,
 )
 from goinfer.redis_address import describe_redis
+from goinfer.reply_lists import ReplyPopper
 from goinfer.settings import Settings
 
 log = logging.getLogger("goinfer.batch")
@@ -106,6 +107,7 @@ class DirectSender:
         self._date = time.strftime("%Y%m%d")
         self._redis = async_client(server)
         self._reader = async_client(server, blocking_s=READ_BLOCK_S)
+        self._replies = ReplyPopper()
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._pending: list[tuple[int, str, asyncio.Future[Any]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -253,13 +255,9 @@ class DirectSender:
         delay = 0.05
         while not self._closing:
             try:
-                item = await self._reader.blpop([key], timeout=READ_BLOCK_S)
+                replies = await self._replies.pop(self._reader, [key], READ_BLOCK_S, DRAIN_BATCH)
                 delay = 0.05
-                if item is None:
-                    continue
-                self._deliver(item[1])
-                # LPOP with a count answers a list (redis-py types it as one value).
-                for raw in cast("list[bytes] | None", await self._reader.lpop(key, DRAIN_BATCH)) or ():
+                for raw in replies:
                     self._deliver(raw)
             except asyncio.CancelledError:
                 raise

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 import redis.asyncio
 from redis.asyncio.connection import ConnectionPool
-from redis.exceptions import AskError, ResponseError
+from redis.exceptions import AskError
 
 from goinfer.cluster_clients import AsyncClusterNodes, as_redis_error, is_relocation
 from goinfer.connections import RedisRefused, async_client, is_out_of_memory, refusal
@@ -56,6 +56,7 @@ from goinfer.queue import (
     tier_alive_key,
 )
 from goinfer.redis_address import describe_redis
+from goinfer.reply_lists import ReplyPopper
 from goinfer.settings import ServerSettings
 
 log = logging.getLogger("goinfer.http.queue")
@@ -108,7 +109,7 @@ class QueueClient:
         self.alive_key = tier_alive_key(self.process_id)
         self._redis = async_client(server)  # on a Redis Cluster, for the keys of no queue (our liveness key)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
-        self._blmpop = True  # until Redis says it has no BLMPOP (before 7.0)
+        self._replies = ReplyPopper()
         self._tasks: list[asyncio.Task[None]] = []
         self._address = describe_redis(server)
         self.replica_wait = (ReplicaWait(self._address, server.enqueue_replicas,
@@ -425,7 +426,7 @@ class QueueClient:
             reader: redis.asyncio.Redis | None = None
             try:
                 reader = await self._reader(keys[0])
-                replies = await self._pop_replies(reader, keys)
+                replies = await self._replies.pop(reader, keys, READ_BLOCK_S, DRAIN_BATCH)
                 health.answered(started)
                 delay = RECONNECT_FIRST_S
                 for raw in replies:
@@ -443,26 +444,6 @@ class QueueClient:
                     log.warning("reading replies failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
-
-    async def _pop_replies(self, reader: redis.asyncio.Redis, keys: list[str]) -> list[bytes]:
-        """The replies waiting on `keys`, waiting up to READ_BLOCK_S for the first: one BLMPOP
-        round trip (Redis 7), or BLPOP then LPOP of the rest on an older Redis."""
-        if self._blmpop:
-            try:
-                # [key, [replies]], or None after the timeout.
-                popped = await reader.execute_command("BLMPOP", READ_BLOCK_S, len(keys), *keys, "LEFT", "COUNT",
-                                                      DRAIN_BATCH)
-                return list(popped[1]) if popped else []
-            except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
-                    raise
-                self._blmpop = False  # Redis before 7.0
-        item = await reader.blpop(keys, timeout=READ_BLOCK_S)
-        if item is None:
-            return []
-        # LPOP with a count answers a list (redis-py types it as one value).
-        rest = cast("list[bytes] | None", await reader.lpop(item[0], DRAIN_BATCH))
-        return [item[1], *(rest or ())]
 
     async def _reader(self, key: str) -> redis.asyncio.Redis:
         """The client that blocks on reply lists: on a cluster, that of the primary serving `key`."""
