@@ -138,10 +138,6 @@ class CallTimes:
         old = self._seconds.get(api)
         self._seconds[api] = seconds if old is None else old + _CALL_TIME_WEIGHT * (seconds - old)
 
-    def expected_s(self, api: str) -> float | None:
-        """How long a call of `api` is expected to take; None before its first call."""
-        return self._seconds.get(api)
-
     def take(self) -> int:
         """How many waiting requests one read may take: as many as the slowest model's calls fit
         in the budget (1 until every model has run once: an unknown model may be slow)."""

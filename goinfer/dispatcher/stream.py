@@ -273,11 +273,11 @@ class StreamConsumer:
         for item, reply in done:
             if item.job is None:
                 continue
-            if item.job.job_key is not None or reply is None:
+            if item.job.job_key is not None:  # an asynchronous job: its record, alone
                 before = len(pipe.command_stack)
                 answer_in(pipe, item.job, reply, self._job_ttl, now)
                 concerned += [[item]] * (len(pipe.command_stack) - before)
-            else:
+            elif reply is not None:  # None: acknowledged unanswered, its client is gone
                 replies.setdefault(item.job.reply_to, []).append((item, reply))
         for reply_to, answers in replies.items():
             pipe.rpush(reply_to, *(reply for _, reply in answers))

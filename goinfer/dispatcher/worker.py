@@ -212,8 +212,9 @@ class Worker:
             # The overlap: answer these (and read on, if the models are quick) while `ahead` runs.
             self._in_flight = self._sender.submit(self._send_unsettled, done, self._calls.quick(), False)
             return ahead
-        following = self._finish(done, read_next=not self.stopping and not ahead)
-        if following and not ahead and not self.stopping and not self.stream.drained and self._calls.quick():
+        # Here `ahead` is only ever non-empty when stopping: then nothing is read.
+        following = self._finish(done, read_next=not self.stopping)
+        if following and not self.stream.drained and self._calls.quick():
             # More waits and no worker is idle: read the next ones while these run, so that from
             # now on each round trip overlaps the calls.
             self._in_flight = self._sender.submit(self._send_unsettled, [], True, False)
