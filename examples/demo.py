@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import click
 
@@ -30,15 +31,22 @@ EMBEDDING = {"command": [sys.executable, "-m", "examples.embedding.main"],
              "data": {"text": "A man is playing a guitar on stage."}}
 
 
-def wait_for_service(client: Client, path: str, data: dict, timeout: float) -> dict:
+def wait_for_service(client: Client, ready_url: str, path: str, data: dict, timeout: float) -> dict:
+    """The answer to one request, sent once the service is ready: the HTTP tier answers /ready
+    with 200 only when a dispatcher serves the queue. A request sent while the models still load
+    (12 s for the embedding's first load on a fresh machine) would wait in the queue and could
+    outlive its MessageTimeout."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return client.call(path, data)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            with urllib.request.urlopen(ready_url, timeout=5) as response:
+                if response.status == 200:
+                    return client.call(path, data)
+        except OSError:  # not listening yet, or 503 (urllib's HTTPError) while it loads
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the service was not ready within {timeout:g} s ({ready_url})")
+        time.sleep(0.5)
 
 
 @click.command()
@@ -54,7 +62,7 @@ def main(embedding: bool, timeout: float) -> None:
     service = subprocess.Popen(job["command"] + ["up", "--yaml", job["yaml"]], env=dict(os.environ))
     try:
         click.echo(f"request  {job['path']} {json.dumps(job['data'], ensure_ascii=False)}", err=True)
-        data = wait_for_service(client, job["path"], job["data"], timeout)
+        data = wait_for_service(client, f"http://127.0.0.1:{api.port}/ready", job["path"], job["data"], timeout)
         if "embeddings" in data:
             vector = data["embeddings"]
             norm = math.sqrt(sum(v * v for v in vector))
