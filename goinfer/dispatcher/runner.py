@@ -55,7 +55,7 @@ class Runner:
             log.exception("infer of %s failed (requestId %s)", type(model).__name__, job.id)
             result = exc
         infer_s = time.perf_counter() - started
-        metrics.INFER_SECONDS.labels(job.api).observe(infer_s)
+        metrics.series(metrics.INFER_SECONDS, job.api).observe(infer_s)
         return self.encode(model, job, result, "infer", queued_ms, infer_s * 1000)
 
     def execute_batch(self, model: Model, jobs: list[Job], queued_ms: list[float] | None = None) -> list[str]:
@@ -74,7 +74,7 @@ class Runner:
             log.exception("infer_batch of %s failed for %d requests", type(model).__name__, len(jobs))
             results = [exc] * len(jobs)
         infer_s = time.perf_counter() - started
-        histogram = metrics.INFER_SECONDS.labels(model.api_path)
+        histogram = metrics.series(metrics.INFER_SECONDS, model.api_path)
         for _ in jobs:
             histogram.observe(infer_s)
         return [self.encode(model, job, result, "infer_batch", waited, infer_s * 1000)

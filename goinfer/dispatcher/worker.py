@@ -416,7 +416,7 @@ def _api(item: Pending) -> str:
 def _queued_ms(item: Pending) -> float:
     """The entry's wait, also observed for /metrics."""
     queued = item.queued_ms()
-    metrics.QUEUE_WAIT_SECONDS.labels(item.stream).observe(queued / 1000)
+    metrics.series(metrics.QUEUE_WAIT_SECONDS, item.stream).observe(queued / 1000)
     return queued
 
 
