@@ -3,6 +3,7 @@
     python -m benchmarks.profile                               # SHA256 echo, 64 connections, 10 s
     python -m benchmarks.profile --sign SM2 --connections 256 --top 25
     python -m benchmarks.profile --model benchmarks.models:Sleep10ms --workers 8 --api /api/sleep
+    python -m benchmarks.profile --embedding --gil                # the embedding example, batching on
 
 Starts Redis, `goinfer server 0` and `goinfer http` as benchmarks.run does, drives load with wrk
 (or the asyncio generator), and meanwhile samples each process with `py-spy record --format raw`
@@ -22,8 +23,23 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from benchmarks.run import Service, body_for, children_of, cpu_seconds, drive, redis_service, wait_http, write_settings
+from benchmarks.run import (
+    EMBEDDING_BATCHING,
+    EMBEDDING_THREADS,
+    EMBEDDING_TIMEOUT_MS,
+    EMBEDDING_WORKERS,
+    SHORT_TEXT,
+    Service,
+    body_for,
+    children_of,
+    cpu_seconds,
+    drive,
+    redis_service,
+    wait_http,
+    write_settings,
+)
 
 
 def collapsed_profile(path: Path) -> tuple[Counter[str], Counter[str], int]:
@@ -65,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="MaxWorkers")
     parser.add_argument("--top", type=int, default=15, help="functions listed per process kind")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--embedding", action="store_true",
+                        help="the embedding example as benchmarks.run's embedding-short-batch-on (short text, "
+                             "batching on); --model, --api and --workers do not apply")
     parser.add_argument("--gil", action="store_true",
                         help="only samples holding the GIL: Python's own CPU, not waits py-spy mistakes for work")
     args = parser.parse_args(argv)
@@ -73,13 +92,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("benchmarks.profile: py-spy is not installed (pip install py-spy)")
 
     with redis_service() as service:
-        settings, port = write_settings(service, "profile", [args.model], MaxWorkers=args.workers)
-        dispatcher = service.start("server", "0", "--yaml", str(settings), log_name="server")
-        http = service.start("http", "--yaml", str(settings), log_name="http")
+        program: list[str] | None = None
+        data: dict[str, Any]
+        if args.embedding:
+            program = [sys.executable, "-m", "examples.embedding.main"]
+            settings, port = write_settings(service, "profile-embedding", [], None,
+                                            {"EmbeddingThreads": EMBEDDING_THREADS}, MaxWorkers=EMBEDDING_WORKERS,
+                                            BatchSize=EMBEDDING_BATCHING["on"], BatchTimeoutMs=EMBEDDING_TIMEOUT_MS)
+            args.api, data = "/api/embedding", {"text": SHORT_TEXT}
+        else:
+            settings, port = write_settings(service, "profile", [args.model], MaxWorkers=args.workers)
+            data = {"text": "测试测试", "image": ""} if args.api == "/api/echo" else {"n": 1}
+        dispatcher = service.start("server", "0", "--yaml", str(settings), program=program, log_name="server")
+        http = service.start("http", "--yaml", str(settings), program=program, log_name="http")
         url = f"http://127.0.0.1:{port}{args.api}"
-        data = {"text": "测试测试", "image": ""} if args.api == "/api/echo" else {"n": 1}
         body = body_for(data, args.sign)
-        wait_http(port, args.api, body)
+        wait_http(port, args.api, body, timeout=300)
         drive(service, "warm-up", url, body, args.connections, 2)
         kinds = process_kinds(service, http.pid, dispatcher.pid)
         broker = service.redis.client()
@@ -97,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                      str(round(args.duration)), "--pid", str(pid), "--output", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(0.5)  # py-spy attaches
-        point = drive(service, f"echo-{args.sign.lower()}", url, body, args.connections, args.duration)
+        name = "embedding-short" if args.embedding else f"echo-{args.sign.lower()}"
+        point = drive(service, name, url, body, args.connections, args.duration)
         for _, _, sampler in samplers:
             sampler.wait(timeout=60)
         requests = point.requests
