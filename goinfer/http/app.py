@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from goinfer.errors import ApiError
 from goinfer.http import envelope
 from goinfer.http.admission import Admission
-from goinfer.http.entry_pool import ApiEntryPool, EntryBusy
+from goinfer.http.entry_pool import ApiEntryPool, EntryBusy, call_entry
 from goinfer.http.metrics import UNROUTED, HttpMetrics
 from goinfer.http.offload import CheckPool, CheckUnavailable, cheap_to_check
 from goinfer.http.ops import OpsEndpoints
@@ -209,7 +209,7 @@ class ApiHandler:
         with ApiEntryThreads 0 or the model's api_entry_on_loop); its failure as the answer to send."""
         pool = self.entry_pools.get(model.api_path)
         try:
-            return _call(work) if pool is None else await pool.run(work)
+            return call_entry(work) if pool is None else await pool.run(work)
         except EntryBusy as exc:
             return self.fail("ApiEntryBusy", app_id, request_id, str(exc))
         except ApiError as exc:
@@ -339,17 +339,6 @@ class ApiHandler:
             access_log.info("%s %s appId= code=%d requestId=", request.method, request.rel_url.raw_path,
                             outcome.code)
         return outcome.response
-
-
-def _call(work: Callable[[], T]) -> T:
-    """`work()` on the event loop, failing as in the model's threads (entry_pool.py): SystemExit
-    and the like that a model raises fail its request, not the HTTP process."""
-    try:
-        return work()
-    except Exception:
-        raise
-    except BaseException as exc:
-        raise RuntimeError(f"api_entry raised {type(exc).__name__}: {exc}") from None
 
 
 async def hello(request: web.Request) -> web.Response:

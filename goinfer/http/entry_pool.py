@@ -32,6 +32,17 @@ class EntryBusy(Exception):
     """All of a model's api_entry threads are busy and its waiting line is full."""
 
 
+def call_entry(call: Callable[[], T]) -> T:
+    """`call()` (a model's api_entry), where SystemExit and the like, which end a process, fail
+    only the request: as a RuntimeError naming them. In the pool's threads and on the event loop."""
+    try:
+        return call()
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"api_entry raised {type(exc).__name__}: {exc}") from None
+
+
 class ApiEntryPool:
     """The threads that run one model's api_entry, with a bound on the requests waiting for them.
 
@@ -89,11 +100,9 @@ class ApiEntryPool:
             result: Any = None
             error: BaseException | None = None
             try:
-                result = call()
+                result = call_entry(call)
             except Exception as exc:  # noqa: BLE001 - handed to the request, which answers it
                 error = exc
-            except BaseException as exc:  # SystemExit and the like end a process, not a request
-                error = RuntimeError(f"api_entry raised {type(exc).__name__}: {exc}")
             try:
                 loop.call_soon_threadsafe(self._done, future, result, error)
             except RuntimeError:  # the loop is closed: nobody waits for this any more
