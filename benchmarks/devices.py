@@ -93,12 +93,12 @@ def in_process(args: argparse.Namespace) -> None:
 
 def served(args: argparse.Namespace) -> None:
     """The example through goinfer, one worker per device listed in Server.Devices."""
-    from benchmarks.run import body_for, drive, redis_service, wait_http, write_settings
+    from benchmarks.run import EMBEDDING_PROGRAM, body_for, drive, redis_service, wait_http, write_settings
 
     gpus = visible_gpus()
     devices: Any = [int(gpu.rsplit(":", 1)[1]) for gpu in gpus] or "cpu"
     workers = len(gpus) or args.cpu_workers
-    program = [sys.executable, "-m", "examples.embedding.main"]
+    program = EMBEDDING_PROGRAM
     with redis_service() as service:
         settings, port = write_settings(service, "devices", [], MaxWorkers=workers, Devices=devices,
                                         BatchSize=max(args.batches), BatchTimeoutMs=5, MessageTimeout=60)

@@ -27,15 +27,12 @@ from typing import Any
 
 from benchmarks.run import (
     EMBEDDING_BATCHING,
-    EMBEDDING_THREADS,
-    EMBEDDING_TIMEOUT_MS,
-    EMBEDDING_WORKERS,
+    EMBEDDING_PROGRAM,
     SHORT_TEXT,
-    Service,
     body_for,
-    children_of,
     cpu_seconds,
     drive,
+    embedding_settings,
     redis_service,
     wait_http,
     write_settings,
@@ -60,14 +57,6 @@ def collapsed_profile(path: Path) -> tuple[Counter[str], Counter[str], int]:
         for frame in set(frames[1:]):  # the first frame is the process/thread label
             inclusive[frame] += count
     return own, inclusive, total
-
-
-def process_kinds(service: Service, http_pid: int, dispatcher_pid: int) -> dict[str, list[int]]:
-    """Each goinfer process of the run by kind (the HTTP tier's check process counts as HTTP)."""
-    http = [http_pid, *children_of(http_pid)]
-    workers = children_of(dispatcher_pid)
-    return {"http": http, "dispatcher": [dispatcher_pid], "workers": workers,
-            "redis": [service.redis.process.pid]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,21 +84,19 @@ def main(argv: list[str] | None = None) -> None:
         program: list[str] | None = None
         data: dict[str, Any]
         if args.embedding:
-            program = [sys.executable, "-m", "examples.embedding.main"]
-            settings, port = write_settings(service, "profile-embedding", [], None,
-                                            {"EmbeddingThreads": EMBEDDING_THREADS}, MaxWorkers=EMBEDDING_WORKERS,
-                                            BatchSize=EMBEDDING_BATCHING["on"], BatchTimeoutMs=EMBEDDING_TIMEOUT_MS)
+            program = EMBEDDING_PROGRAM
+            settings, port = embedding_settings(service, "profile-embedding", EMBEDDING_BATCHING["on"])
             args.api, data = "/api/embedding", {"text": SHORT_TEXT}
         else:
             settings, port = write_settings(service, "profile", [args.model], MaxWorkers=args.workers)
             data = {"text": "测试测试", "image": ""} if args.api == "/api/echo" else {"n": 1}
-        dispatcher = service.start("server", "0", "--yaml", str(settings), program=program, log_name="server")
-        http = service.start("http", "--yaml", str(settings), program=program, log_name="http")
+        service.start("server", "0", "--yaml", str(settings), program=program, log_name="server")
+        service.start("http", "--yaml", str(settings), program=program, log_name="http")
         url = f"http://127.0.0.1:{port}{args.api}"
         body = body_for(data, args.sign)
         wait_http(port, args.api, body, timeout=300)
         drive(service, "warm-up", url, body, args.connections, 2)
-        kinds = process_kinds(service, http.pid, dispatcher.pid)
+        kinds = service.pids_by_kind()
         broker = service.redis.client()
         broker.config_resetstat()
         cpu_before = {kind: cpu_seconds(pids) for kind, pids in kinds.items()}

@@ -463,6 +463,16 @@ EMBEDDING_THREADS = 1
 EMBEDDING_BATCHING = {"off": 1, "on": 24}
 EMBEDDING_TIMEOUT_MS = 5  # BatchTimeoutMs
 EMBEDDING_TEXTS = {"short": SHORT_TEXT, "long": LONG_TEXT}
+# The example's own command line: its model registered beside goinfer's commands.
+EMBEDDING_PROGRAM = [sys.executable, "-m", "examples.embedding.main"]
+
+
+def embedding_settings(service: Service, name: str, batch_size: int, http_workers: int = 1) -> tuple[Path, int]:
+    """Settings of the served embedding layout (EMBEDDING_WORKERS workers of EMBEDDING_THREADS
+    TensorFlow threads) with BatchSize `batch_size`; and the HTTP port."""
+    return write_settings(service, name, [], None, {"EmbeddingThreads": EMBEDDING_THREADS},
+                          MaxWorkers=EMBEDDING_WORKERS, BatchSize=batch_size, BatchTimeoutMs=EMBEDDING_TIMEOUT_MS,
+                          http_workers=http_workers)
 
 
 def embedding_available() -> bool:
@@ -475,16 +485,13 @@ def embedding_available() -> bool:
 def embedding_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
     """all-MiniLM-L6-v2 with EMBEDDING_WORKERS workers of EMBEDDING_THREADS thread each, batching off
     (BatchSize 1) and on (EMBEDDING_BATCHING)."""
-    program = [sys.executable, "-m", "examples.embedding.main"]
+    program = EMBEDDING_PROGRAM
     for batching, size in EMBEDDING_BATCHING.items():
         names = [(length, f"embedding-{length}-batch-{batching}") for length in EMBEDDING_TEXTS]
         names = [(length, name) for length, name in names if selected(args, name)]
         if not names:
             continue
-        settings, port = write_settings(service, f"embedding-{batching}", [], None,
-                                        {"EmbeddingThreads": EMBEDDING_THREADS}, MaxWorkers=EMBEDDING_WORKERS,
-                                        BatchSize=size, BatchTimeoutMs=EMBEDDING_TIMEOUT_MS,
-                                        http_workers=args.http_workers)
+        settings, port = embedding_settings(service, f"embedding-{batching}", size, args.http_workers)
         dispatcher = service.start("server", "0", "--yaml", str(settings), program=program, log_name="server")
         service.start("http", "--yaml", str(settings), program=program, log_name="http")
         wait_http(port, "/api/embedding", body_for({"text": SHORT_TEXT}, "SHA256"), timeout=300)
