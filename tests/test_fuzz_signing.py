@@ -24,7 +24,14 @@ from hypothesis import strategies as st
 
 from goinfer.client import signed_body
 from goinfer.crypto.gobase64 import go_std_b64decode_lenient
-from goinfer.crypto.gojson import GoJsonError, go_format_g, go_json_number, go_marshal, parse_request_body
+from goinfer.crypto.gojson import (
+    GoJsonError,
+    go_format_g,
+    go_json_number,
+    go_marshal,
+    parse_request_body,
+    parse_request_body_as_go,
+)
 from goinfer.crypto.sign_string import go_sign_string, python_client_sign_string
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
 from goinfer.http.signing import SignatureChecker, SignCheckFailure, SignedRequest
@@ -147,6 +154,38 @@ def test_parser_on_json_text(text):
     # What parses is what Go would decode: no lone surrogate, no infinity, no NaN.
     encoded = json.dumps(parsed.value, ensure_ascii=False, allow_nan=False)
     assert not re.search("[\ud800-\udfff]", encoded)
+
+
+def _outcome(parser: Any, body: bytes) -> tuple[Any, ...]:
+    """What a parser makes of `body`, in a form that tells 1 from 1.0 and 0.0 from -0.0."""
+    try:
+        parsed = parser(body, MAX_DEPTH)
+    except GoJsonError as exc:
+        return ("refused", str(exc))
+    return ("parsed", _typed(parsed.value), parsed.go_numbers_differ)
+
+
+def _typed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("dict", [(key, _typed(item)) for key, item in value.items()])
+    if isinstance(value, list):
+        return ("list", [_typed(item) for item in value])
+    return (type(value).__name__, repr(value))
+
+
+@FUZZ
+@given(json_text | data_dicts.map(json.dumps), edits | st.just([]))
+@example('{"a":-0}', [])
+@example('{"a":9007199254740992}', [])
+@example('{"a":9007199254740991,"b":[-9007199254740991]}', [])
+@example('{"a":1,"b":2,"a":3}', [])
+@example('{"a":"2026-01-01"}', [])
+def test_fast_parser_is_the_go_parser(text, mutations):
+    """The orjson path of parse_request_body gives what the json-module path gives, value for
+    value (types, key order, duplicate keys), number flag included, and the same refusals."""
+    body = _mutate(text.encode("utf-8", "surrogatepass"), mutations) if mutations else \
+        text.encode("utf-8", "surrogatepass")
+    assert _outcome(parse_request_body, body) == _outcome(parse_request_body_as_go, body)
 
 
 @FUZZ
