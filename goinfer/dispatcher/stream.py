@@ -28,6 +28,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.connections import is_out_of_memory
 from goinfer.dispatcher.lanes import READ_LANES_SCRIPT, decode_lanes_answer, drained_after, read_lanes_args
+from goinfer.dispatcher.round_trip import RoundTrip
 from goinfer.queue import (
     CONSUMER_GROUP,
     JOB_FIELD,
@@ -178,9 +179,9 @@ class StreamConsumer:
             taken = self._poll(count)
             if taken or block_ms is None:
                 return taken
-        pipe = self.client.pipeline(transaction=False)
-        self._queue_blocking_read(pipe, count, block_ms)
-        return self._blocking_read_result(pipe.execute(raise_on_error=False))
+        round_trip = RoundTrip(self.client)
+        self._queue_blocking_read(round_trip, count, block_ms)
+        return self._blocking_read_result(round_trip.execute())
 
     def _poll(self, count: int) -> list[Pending]:
         """The lanes' script: entries of the highest lane that has some (one round trip)."""
@@ -197,9 +198,10 @@ class StreamConsumer:
         self._drained = not more
         return self._decode(streams)
 
-    def _queue_blocking_read(self, pipe: Any, count: int, block_ms: int) -> None:
+    def _queue_blocking_read(self, round_trip: RoundTrip, count: int, block_ms: int) -> None:
         """Wait on every lane (it says by itself whether entries are left: lanes.drained_after)."""
-        pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams}, count=count, block=block_ms)
+        round_trip.xreadgroup(CONSUMER_GROUP, self.consumer, {s: ">" for s in self.streams}, count=count,
+                              block=block_ms)
         self._blocking_count = count
 
     def _blocking_read_result(self, results: list[Any]) -> list[Pending]:
@@ -218,11 +220,11 @@ class StreamConsumer:
         """Send the replies and acknowledge their entries in one round trip, optionally reading on
         (`block=False`: a read that never waits, for a round trip whose caller has work in hand).
 
-        The replies, acknowledgements and counters are one MULTI/EXEC, sent in a plain pipeline
+        The replies, acknowledgements and counters are one MULTI/EXEC, sent in one round trip
         with the read after it: Redis runs it before a read that blocks. Raises RepliesRefused
         when Redis is at maxmemory (nothing was done), or the error of a command Redis refused.
         """
-        pipe = self.client.pipeline(transaction=False)
+        pipe = RoundTrip(self.client)
         pipe.execute_command("MULTI")
         concerned = self._queue_answers(pipe, done)
         # Taken, not read: `count` may run on another thread meanwhile (the worker's send overlaps
@@ -241,7 +243,7 @@ class StreamConsumer:
             pipe.execute_command("EVALSHA", *read_lanes_args(self.streams, CONSUMER_GROUP, self.consumer,
                                                                self.read_count))
         try:
-            results = pipe.execute(raise_on_error=False)
+            results = pipe.execute()
         except BaseException:
             self._stats.update(counters)
             raise
@@ -263,7 +265,7 @@ class StreamConsumer:
         _report_failures(concerned, stats, executed)
         return following
 
-    def _queue_answers(self, pipe: Any, done: list[Done]) -> list[list[Pending]]:
+    def _queue_answers(self, pipe: RoundTrip, done: list[Done]) -> list[list[Pending]]:
         """Queue on `pipe` what answers and acknowledges `done`, a few commands for many entries:
         one RPUSH (and EXPIRE) per reply list, one XACK and one XDEL per stream. Returns, for each
         command queued, the entries it concerns (to name them if Redis fails that command)."""
