@@ -11,13 +11,14 @@ import uuid
 from typing import Any
 
 import pytest
-from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError, ResponseError
+from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError, ResponseError, TimeoutError
 
 from goinfer.connections import refusal
 from goinfer.dispatcher.batching import BatchPolicy, batch_policies, fill, plan, read_size, wants_more
 from goinfer.dispatcher.outage import Backoff, OutageLog
 from goinfer.dispatcher.reclaim import claim_stale
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
+from goinfer.dispatcher.round_trip import RoundTrip
 from goinfer.dispatcher.runner import Runner
 from goinfer.dispatcher.stream import StreamConsumer, decode_entry
 from goinfer.models.echo import Echo
@@ -339,6 +340,50 @@ def test_replies_acks_and_the_next_read_share_one_round_trip(redis_server, strea
     assert client.xrange(stream_name) == [(following[0].entry_id, {b"m": second.encode().encode()})]
     assert client.xpending(stream_name, CONSUMER_GROUP)["pending"] == 1  # only the one just read
     assert client.hget(stats_key(stream_name), "deadline_dropped") == b"1"
+
+
+def test_a_round_trip_reads_back_what_redis_pys_pipeline_reads(redis_server, stream_name):
+    """RoundTrip (the workers' lean pipeline): each reply in order, a refused command's error
+    in its place without failing the others, XREADGROUP's entries as redis-py shapes them."""
+    client = redis_server.client()
+    client.xgroup_create(stream_name, CONSUMER_GROUP, id="0", mkstream=True)
+    entry_id = client.xadd(stream_name, {"m": "one", "x": "2"})
+    wrong_type = f"{stream_name}-string"
+    client.set(wrong_type, "not a list")
+
+    def queue(pipe: Any) -> None:
+        pipe.rpush(wrong_type, "a")  # WRONGTYPE: refused
+        pipe.expire(wrong_type, 60)
+        pipe.xreadgroup(CONSUMER_GROUP, "w1", {stream_name: ">"}, count=5, block=10)
+        pipe.xreadgroup(CONSUMER_GROUP, "w1", {stream_name: ">"}, count=5, block=10)  # nothing left
+
+    lean = RoundTrip(client)
+    queue(lean)
+    results = lean.execute()
+    assert isinstance(results[0], ResponseError) and "WRONGTYPE" in str(results[0])
+    assert results[1:] == [1, [[stream_name.encode(), [(entry_id, {b"m": b"one", b"x": b"2"})]]], []]
+    client.xgroup_setid(stream_name, CONSUMER_GROUP, "0")  # the same entry, read again by redis-py
+    pipe = client.pipeline(transaction=False)
+    queue(pipe)
+    expected = pipe.execute(raise_on_error=False)
+    assert type(expected[0]) is type(results[0])
+    assert expected[1:] == [True, *results[2:]]  # EXPIRE raw (1), not as redis-py's bool
+
+
+def test_a_round_trip_cut_short_leaves_no_reply_behind(redis_server, stream_name):
+    """A round trip that fails while reading leaves no reply on its connection for a later one
+    to read as its own (redis-py closes a connection that timed out; RoundTrip closes it on any
+    failure)."""
+    client = redis_server.client(socket_timeout=0.2)
+    client.xgroup_create(stream_name, CONSUMER_GROUP, id="0", mkstream=True)
+    cut = RoundTrip(client)
+    cut.execute_command("SET", f"{stream_name}-k", "first")
+    cut.xreadgroup(CONSUMER_GROUP, "w1", {stream_name: ">"}, count=1, block=600)  # outlasts the timeout
+    with pytest.raises(TimeoutError):
+        cut.execute()
+    after = RoundTrip(client)
+    after.execute_command("GET", f"{stream_name}-k")
+    assert after.execute() == [b"first"]
 
 
 def test_a_dead_workers_entry_is_claimed_once_stale(redis_server, stream_name):

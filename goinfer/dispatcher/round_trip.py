@@ -91,12 +91,12 @@ class RoundTrip:
             self._pool.release(connection)
 
 
-def _stream_entries(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]]:
-    """XREADGROUP's reply as redis-py gives it: [(stream, [(id, {field: value}), ...]), ...]."""
+def _stream_entries(reply: Any) -> list[list[Any]]:
+    """XREADGROUP's reply as redis-py gives it: [[stream, [(id, {field: value}), ...]], ...]."""
     if not reply:
         return []
     streams = reply.items() if isinstance(reply, dict) else reply  # RESP3 answers a map
-    return [(stream, [(entry_id, _pairs(flat)) for entry_id, flat in entries]) for stream, entries in streams]
+    return [[stream, [(entry_id, _pairs(flat)) for entry_id, flat in entries]] for stream, entries in streams]
 
 
 def _pairs(flat: Any) -> dict[Any, Any]:
