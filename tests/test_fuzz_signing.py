@@ -31,6 +31,7 @@ from goinfer.crypto.gojson import (
     go_marshal,
     parse_request_body,
     parse_request_body_as_go,
+    sorted_compact,
 )
 from goinfer.crypto.sign_string import go_sign_string, python_client_sign_string
 from goinfer.crypto.sm2 import SM2Verifier, public_key_from_private_b64
@@ -186,6 +187,26 @@ def test_fast_parser_is_the_go_parser(text, mutations):
     body = _mutate(text.encode("utf-8", "surrogatepass"), mutations) if mutations else \
         text.encode("utf-8", "surrogatepass")
     assert _outcome(parse_request_body, body) == _outcome(parse_request_body_as_go, body)
+
+
+NESTED_PAST_ORJSON: Any = 1
+for _level in range(300):
+    NESTED_PAST_ORJSON = [NESTED_PAST_ORJSON]
+no_float_values = st.recursive(
+    st.none() | st.booleans() | go_ints | texts,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(texts, children, max_size=4),
+    max_leaves=25,
+)
+
+
+@FUZZ
+@given(no_float_values)
+@example({"a": "\ud800"})  # a lone surrogate: orjson refuses it, the json module writes it
+@example({"a": 2**64})  # beyond orjson's integers
+@example({"k": NESTED_PAST_ORJSON})  # deeper than orjson writes
+def test_sorted_compact_is_the_json_modules(value):
+    """The string-to-sign's `data` for bodies without floats: orjson's text is the json module's."""
+    assert sorted_compact(value) == json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 @FUZZ

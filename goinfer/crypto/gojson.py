@@ -195,8 +195,18 @@ def go_marshal(value: Any, numbers_differ: bool = True) -> str:
     if numbers_differ:
         out = _marshal_walk(value)
     else:
-        out = _SORTED_COMPACT.encode(value)
+        out = sorted_compact(value)
     return go_escapes(out)
+
+
+def sorted_compact(value: Any) -> str:
+    """json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")) for decoded
+    JSON without floats (orjson writes those otherwise), from orjson: the same text, ~1 us sooner
+    per request (the json module builds its C encoder on every call)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+    except orjson.JSONEncodeError:  # nested past orjson's limit, a lone surrogate: the json module's verdict
+        return _SORTED_COMPACT.encode(value)
 
 
 def go_escapes(encoded: str) -> str:
