@@ -18,7 +18,7 @@ from goinfer.dispatcher.batching import BatchPolicy, batch_policies, fill, plan,
 from goinfer.dispatcher.outage import Backoff, OutageLog
 from goinfer.dispatcher.reclaim import claim_stale
 from goinfer.dispatcher.restarts import RestartPolicy, TooManyDeaths
-from goinfer.dispatcher.round_trip import RoundTrip
+from goinfer.dispatcher.round_trip import HeldConnection, RoundTrip
 from goinfer.dispatcher.runner import Runner
 from goinfer.dispatcher.stream import StreamConsumer, decode_entry
 from goinfer.models.echo import Echo
@@ -357,7 +357,8 @@ def test_a_round_trip_reads_back_what_redis_pys_pipeline_reads(redis_server, str
         pipe.xreadgroup(CONSUMER_GROUP, "w1", {stream_name: ">"}, count=5, block=10)
         pipe.xreadgroup(CONSUMER_GROUP, "w1", {stream_name: ">"}, count=5, block=10)  # nothing left
 
-    lean = RoundTrip(client)
+    held = HeldConnection()
+    lean = RoundTrip(client, held)
     queue(lean)
     results = lean.execute()
     assert isinstance(results[0], ResponseError) and "WRONGTYPE" in str(results[0])
@@ -376,12 +377,13 @@ def test_a_round_trip_cut_short_leaves_no_reply_behind(redis_server, stream_name
     failure)."""
     client = redis_server.client(socket_timeout=0.2)
     client.xgroup_create(stream_name, CONSUMER_GROUP, id="0", mkstream=True)
-    cut = RoundTrip(client)
+    held = HeldConnection()
+    cut = RoundTrip(client, held)
     cut.execute_command("SET", f"{stream_name}-k", "first")
     cut.xreadgroup(CONSUMER_GROUP, "w1", {stream_name: ">"}, count=1, block=600)  # outlasts the timeout
     with pytest.raises(TimeoutError):
         cut.execute()
-    after = RoundTrip(client)
+    after = RoundTrip(client, held)
     after.execute_command("GET", f"{stream_name}-k")
     assert after.execute() == [b"first"]
 

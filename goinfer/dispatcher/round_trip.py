@@ -7,19 +7,24 @@ commands: ~160 -> ~115 us of CPU). Only the commands a worker sends are here, an
 is what the pipeline would give, but raw: bytes and integers, a ResponseError in place of a
 refused command's reply, and XREADGROUP's entries as redis-py shapes them.
 
-A connection whose round trip failed part way is closed before it goes back to the pool, so no
-later command reads a reply meant for this one; nothing is retried (a read that was lost may
-have taken entries: see the worker's recovery of unsent replies).
+A worker's round trips follow one another, so they keep one connection (HeldConnection) rather
+than take one from the pool and give it back each time, which cost another ~10 % of a worker's
+CPU per echo request (redis-py 8 records pool metrics at each). A connection whose round trip
+failed part way is closed and given back (the next one takes another), so no later command reads
+a reply meant for this one; nothing is retried (a read that was lost may have taken entries: see the
+worker's recovery of unsent replies).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import redis
-from redis.connection import ConnectionPool
+from redis.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ResponseError
 
 Parser = Callable[[Any], Any]
@@ -30,11 +35,50 @@ _NAMELESS_GET_CONNECTION = inspect.signature(ConnectionPool.get_connection).para
 ).default is not inspect.Parameter.empty
 
 
-class RoundTrip:
-    """Commands queued on a client's pool, sent by `execute` as one write."""
+class HeldConnection:
+    """A connection taken from a client's pool once and kept for every round trip on that client
+    (another client, after a cluster's slot moved: the old connection goes back to its pool)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._pool: ConnectionPool = client.connection_pool
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # a worker's sender thread and its main thread take turns
+        self._client: redis.Redis | None = None
+        self._connection: AbstractConnection | None = None
+
+    @contextmanager
+    def of(self, client: redis.Redis) -> Iterator[AbstractConnection]:
+        with self._lock:
+            if client is not self._client or self._connection is None:
+                self._give_back()
+                self._connection = _take(client.connection_pool)
+                self._client = client
+            try:
+                yield self._connection
+            except BaseException:
+                # Closed and given back: the next round trip takes one from the pool, which
+                # connects it as the pool does (behind Sentinel, to whoever is master now; a
+                # connection reopened by itself would go back to the old address).
+                self._connection.disconnect()
+                self._give_back()
+                raise
+
+    def _give_back(self) -> None:
+        if self._client is not None and self._connection is not None:
+            self._client.connection_pool.release(self._connection)  # type: ignore[arg-type]
+        self._client = self._connection = None
+
+
+def _take(pool: ConnectionPool) -> AbstractConnection:
+    if _NAMELESS_GET_CONNECTION:
+        return pool.get_connection()
+    return pool.get_connection("PIPELINE")  # type: ignore[call-arg,unused-ignore]
+
+
+class RoundTrip:
+    """Commands queued for `client`, sent by `execute` as one write on `held`'s connection."""
+
+    def __init__(self, client: redis.Redis, held: HeldConnection) -> None:
+        self._client = client
+        self._held = held
         self.command_stack: list[tuple[Any, ...]] = []
         self._parsers: dict[int, Parser] = {}
 
@@ -70,9 +114,7 @@ class RoundTrip:
         Raises what the connection raises (ConnectionError, TimeoutError) once closed."""
         commands, self.command_stack = self.command_stack, []
         parsers, self._parsers = self._parsers, {}
-        connection = self._pool.get_connection() if _NAMELESS_GET_CONNECTION else \
-            self._pool.get_connection(commands[0][0])  # type: ignore[call-arg,unused-ignore]
-        try:
+        with self._held.of(self._client) as connection:
             connection.send_packed_command(connection.pack_commands(commands))
             results: list[Any] = []
             for index in range(len(commands)):
@@ -84,11 +126,6 @@ class RoundTrip:
                 parse = parsers.get(index)
                 results.append(reply if parse is None else parse(reply))
             return results
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            self._pool.release(connection)
 
 
 def _stream_entries(reply: Any) -> list[list[Any]]:

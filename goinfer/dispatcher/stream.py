@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from goinfer.cluster_clients import NodeClients, node_clients
 from goinfer.connections import is_out_of_memory
 from goinfer.dispatcher.lanes import READ_LANES_SCRIPT, decode_lanes_answer, drained_after, read_lanes_args
-from goinfer.dispatcher.round_trip import RoundTrip
+from goinfer.dispatcher.round_trip import HeldConnection, RoundTrip
 from goinfer.queue import (
     CONSUMER_GROUP,
     JOB_FIELD,
@@ -120,6 +120,7 @@ class StreamConsumer:
         # All the streams are one queue's: on a Redis Cluster, one slot, so one primary serves
         # every command here, a MULTI/EXEC and the lanes' script included.
         self.nodes = node_clients(client)
+        self._held = HeldConnection()  # the round trips' connection (finish, read)
         self.streams = list(streams)  # highest priority first
         self.consumer = consumer
         self.read_count = read_count
@@ -179,7 +180,7 @@ class StreamConsumer:
             taken = self._poll(count)
             if taken or block_ms is None:
                 return taken
-        round_trip = RoundTrip(self.client)
+        round_trip = RoundTrip(self.client, self._held)
         self._queue_blocking_read(round_trip, count, block_ms)
         return self._blocking_read_result(round_trip.execute())
 
@@ -224,7 +225,7 @@ class StreamConsumer:
         with the read after it: Redis runs it before a read that blocks. Raises RepliesRefused
         when Redis is at maxmemory (nothing was done), or the error of a command Redis refused.
         """
-        pipe = RoundTrip(self.client)
+        pipe = RoundTrip(self.client, self._held)
         pipe.execute_command("MULTI")
         concerned = self._queue_answers(pipe, done)
         # Taken, not read: `count` may run on another thread meanwhile (the worker's send overlaps
