@@ -69,12 +69,12 @@ def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> str:
     return encoder.encode(value)
 
 
-def dumps_sorted(value: Any) -> bytes | None:
-    """json.dumps(value, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"))
-    + "\\n" in UTF-8, byte for byte, from orjson (small floats respelled); None when they may
-    differ otherwise (the caller then uses the json module)."""
+def dumps_sorted(value: Any, default: Callable[[Any], Any] | None = None) -> bytes | None:
+    """json.dumps(value, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"),
+    default=default) + "\\n" in UTF-8, byte for byte, from orjson (small floats respelled); None
+    when they may differ otherwise (the caller then uses the json module)."""
     try:
-        text = orjson.dumps(value, option=_SORTED)
+        text = orjson.dumps(value, default=default, option=_SORTED)
     except orjson.JSONEncodeError:
         return None
     if b"null" in text:  # NaN or Infinity perhaps

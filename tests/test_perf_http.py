@@ -186,6 +186,55 @@ def test_the_envelope_is_json_s_bytes(data):
     assert body == json_s_sorted_bytes(expected)
 
 
+REQUEST_ID = "20260101" + "0" * 32
+
+
+def keys_sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: keys_sorted(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [keys_sorted(item) for item in value]
+    return value
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.text(max_size=8) | st.sampled_from(["msg", "requestId", "answer", "data"]),
+                       json_values | small_float_values, max_size=5))
+def test_a_success_travels_as_the_answer_the_tier_sends(data):
+    """A worker writes a success's data as the HTTP tier's envelope holds it; the tier copies it
+    unread into go-infer's bytes, and every other reader still gets the model's data."""
+    encoded = Reply(REQUEST_ID, 0, data=data, queued_ms=1.5, revision="Echo").encode()
+    kept = Reply.decode(encoded.encode(), keep_answer=True)
+    full = Reply.decode(encoded)
+    # What the json module carries, keys sorted as in every answer.
+    expected_data = keys_sorted(json.loads(json.dumps(data, ensure_ascii=False)))
+    assert same(keys_sorted(full.data), expected_data) and same(keys_sorted(kept.plain_data()), expected_data)
+    assert (kept.id, kept.code, kept.queued_ms, kept.revision) == (REQUEST_ID, 0, 1.5, "Echo")
+    if kept.answer is None:  # the model's own msg or requestId, or what orjson may spell otherwise
+        assert kept.data is not None and ("msg" in data or "requestId" in data or jsoncodec.dumps_sorted(
+            {**data, "msg": "success", "requestId": REQUEST_ID}) is None)
+        return
+    assert kept.data is None
+    body = envelope.answered("A1", kept.answer).body
+    assert isinstance(body, bytes)
+    envelope_fields = json.loads(body)
+    assert body == json_s_sorted_bytes(dict(envelope_fields, data={**data, "msg": "success",
+                                                                    "requestId": REQUEST_ID}))
+    assert body == json_s_sorted_bytes(dict(envelope_fields, data=json.loads(envelope.success(
+        "A1", REQUEST_ID, data).body)["data"]))
+
+
+def test_a_reply_written_the_older_way_reads_as_before():
+    """Older workers put data first and as the model gave it; a data that itself holds the
+    answer's mark is still read as data."""
+    for raw in ({"id": "r1", "code": 0, "data": {"x": 1, "answer": 1, "data": {"y": 2}}, "queued_ms": 1.0},
+                {"id": "r1", "code": 0, "queued_ms": 1.0, "data": {"x": 1, "answer": 1, "data": {"y": 2}}}):
+        text = json.dumps(raw, separators=(",", ":"))
+        for keep in (False, True):
+            reply = Reply.decode(text, keep_answer=keep)
+            assert (reply.answer, reply.data, reply.queued_ms) == (None, raw["data"], 1.0)
+
+
 def test_messages_refuse_what_they_refused():
     for bad, reason in (({"x": float("nan")}, "it holds NaN or Infinity"),
                         ({"x": "\ud800"}, "it holds the lone surrogate U+D800, which is not valid UTF-8"),

@@ -185,11 +185,15 @@ class ApiHandler:
         if reply.code != 0:
             return Outcome(envelope.failure(app_id, request_id, reply.code, reply.msg), reply.code, app_id,
                            request_id, reply, reply.revision)
-        if not isinstance(reply.data, dict):
+        if reply.answer is not None:  # the data as we send it, written by the worker: copied unread
+            response = envelope.answered(app_id, reply.answer)
+        elif isinstance(reply.data, dict):
+            response = envelope.success(app_id, request_id, reply.data)
+        else:
             return self.fail("RecvMsgFail", app_id, request_id, "reply data is not an object")
-        response = envelope.success(app_id, request_id, reply.data)
         if cache is not None and key_text is not None and reply.revision:
-            cache.store(reply.revision, key_text, reply.data)  # under what computed it, never another
+            # Under what computed it, never another.
+            cache.store(reply.revision, key_text, reply.plain_data())
         return Outcome(response, 0, app_id, request_id, reply, reply.revision)
 
     def queue_of(self, signed: SignedRequest) -> tuple[int, str | None]:

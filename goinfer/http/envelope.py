@@ -6,6 +6,7 @@ with a fixed schema sees what go-infer sent.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from goinfer import jsoncodec
+from goinfer.queue import answer_data
 
 JSON_CONTENT_TYPE = "application/json"
 # RecvMsgFail's default code: a reply whose data cannot be written as strict JSON.
@@ -37,23 +39,30 @@ def _encode(body: dict[str, Any]) -> bytes:
 
 
 def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
-    payload = dict(data)
-    payload["msg"] = "success"
-    payload["requestId"] = request_id
-    body = {
-        "code": 0,
-        "appId": app_id,
-        "signType": "plain",
-        "encType": "plain",
-        "success": True,
-        "timestamp": int(time.time()),
-        "data": payload,
-    }
-    try:
-        encoded = _encode(body)
-    except ValueError:  # NaN or Infinity, which only a foreign or outdated worker would send
-        return failure(app_id, request_id, UNSENDABLE_REPLY_CODE, "receive message fail : reply data is not valid JSON")
-    return web.Response(body=encoded, content_type=JSON_CONTENT_TYPE)
+    data_text = answer_data(request_id, data)
+    if data_text is None:
+        payload = {**data, "msg": "success", "requestId": request_id}
+        try:
+            text = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # NaN or Infinity, which only a foreign or outdated worker would send
+            return failure(app_id, request_id, UNSENDABLE_REPLY_CODE,
+                           "receive message fail : reply data is not valid JSON")
+        data_text = text.encode("utf-8", "replace")
+    return answered(app_id, data_text)
+
+
+def answered(app_id: str, data_text: bytes) -> web.Response:
+    """The success envelope around `data_text` (queue.answer_data: sorted, with msg and
+    requestId), the bytes `_encode` would write for the whole body: keys in sorted order."""
+    body = b"".join((b'{"appId":', _string(app_id), b',"code":0,"data":', data_text,
+                     b',"encType":"plain","signType":"plain","success":true,"timestamp":',
+                     str(int(time.time())).encode(), b"}\n"))
+    return web.Response(body=body, content_type=JSON_CONTENT_TYPE)
+
+
+@functools.lru_cache(maxsize=1024)  # the appIds of the settings: only known ones are answered a success
+def _string(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode("utf-8", "replace")
 
 
 def failure(app_id: str, request_id: str, code: int, msg: str, status: int = 200,

@@ -476,7 +476,7 @@ class QueueClient:
 
     def _deliver(self, raw: bytes | str) -> None:
         try:
-            deliver_reply(raw, self._waiting)
+            deliver_reply(raw, self._waiting, keep_answer=True)  # copied into the answer unread
         except ValueError as exc:
             log.error("dropping a malformed reply (%s)", exc)
 
