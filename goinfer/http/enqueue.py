@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,22 +79,32 @@ class MaybeQueued(Exception):
         self.cause = cause
 
 
+# Told an enqueue's outcome: (the script's result, None), or (None, NotQueued or MaybeQueued).
+Settle = Callable[[Any, "Exception | None"], None]
+
+
 @dataclass
 class _Enqueue:
-    """One request's enqueue call, waiting for its batch's round trip."""
+    """One request's enqueue call, waiting for its batch's round trip: its caller awaits
+    `future`, or is told by `settle`."""
 
     keys: list[str]
     args: list[Any]
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None
     script: Script = ENQUEUE
     packed: list[bytes] = field(default_factory=list)
+    settle: Settle | None = None
 
     def fail(self, failure: Exception) -> None:
-        if not self.future.done():
+        if self.settle is not None:
+            self.settle(None, failure)
+        elif self.future is not None and not self.future.done():
             self.future.set_exception(failure)
 
     def resolve(self, result: Any) -> None:
-        if not self.future.done():
+        if self.settle is not None:
+            self.settle(result, None)
+        elif self.future is not None and not self.future.done():
             self.future.set_result(result)
 
 
@@ -120,10 +130,18 @@ class EnqueueBatcher:
         """The script's result; raises NotQueued or MaybeQueued."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        self._add(loop, _Enqueue(keys, args, future, script))
+        return await future
+
+    def send(self, keys: list[str], args: list[Any], settle: Settle) -> None:
+        """ENQUEUE with `settle` told its outcome from the batch's round trip: for a caller that
+        awaits something else (its reply) meanwhile, so it is woken once, not twice."""
+        self._add(asyncio.get_running_loop(), _Enqueue(keys, args, None, settle=settle))
+
+    def _add(self, loop: asyncio.AbstractEventLoop, item: _Enqueue) -> None:
         if not self._pending:
             loop.call_soon(self._start_flush)
-        self._pending.append(_Enqueue(keys, args, future, script))
-        return await future
+        self._pending.append(item)
 
     def _start_flush(self) -> None:
         batch, self._pending = self._pending, []

@@ -27,6 +27,7 @@ starts it. With Server.EnqueueReplicas, an enqueue also waits until that many re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -222,10 +223,17 @@ class QueueClient:
         self._waiting[job_id] = future
         self._deadlines.add(loop, timeout, job_id)
         keys = [stream, replay_key] if replay_key else [stream]
+        args = [self._max_length, payload, replay_ttl_s, JOB_FIELD]
         started = time.monotonic()
+        if self._enqueue is not None:  # one Redis: told the enqueue's outcome, woken only by the reply
+            self._enqueue.send(keys, args, functools.partial(self._enqueued, future, job_id, stream, started, health))
+            try:
+                return await future
+            finally:
+                self._waiting.pop(job_id, None)
         try:
             try:
-                outcome = await self._send(keys, [self._max_length, payload, replay_ttl_s, JOB_FIELD])
+                outcome = await self._send(keys, args)
             except NotQueued as failure:
                 raise self._send_failure(started, failure.cause, health) from None
             except MaybeQueued as failure:
@@ -237,6 +245,22 @@ class QueueClient:
             return await future
         finally:
             self._waiting.pop(job_id, None)
+
+    def _enqueued(self, future: asyncio.Future[Reply], job_id: str, stream: str, started: float,
+                  health: RedisHealth, outcome: Any, failure: Exception | None) -> None:
+        """What `submit` does with its enqueue's outcome, on one Redis: a refusal or a failure
+        that certainly did not queue is the request's answer; otherwise it waits for its reply."""
+        if isinstance(failure, MaybeQueued):
+            if not self._noted(started, failure.cause, health):
+                log.warning("request %s may have been queued on %s (%s); awaiting its reply", job_id, stream, failure)
+            return
+        try:
+            if isinstance(failure, NotQueued):
+                raise self._send_failure(started, failure.cause, health)
+            self._queued(outcome, started, health)
+        except (SendFailure, QueueFull, Replayed) as refused:
+            if not future.done():
+                future.set_exception(refused)
 
     async def submit_job(self, stream: str, record_key: str, record: dict[str, str], record_ttl_s: int,
                          payload: str, replay_key: str | None = None, replay_ttl_s: int = 0) -> None:
