@@ -460,7 +460,8 @@ def _split_answer(raw: bytes | str) -> tuple[dict[str, Any], bytes] | None:
     """(the other fields, the answer) of a reply written with ANSWER_MARK; None for any other.
 
     Inside a JSON string every quote is escaped, so the mark's first occurrence is a key: the
-    header's, or (in a reply written the older way) one in `data`, which the header then holds.
+    header's, or, in a reply written the older way, one inside `data`; what precedes it is then
+    no JSON object without a "data" key, and the reply is read whole.
     """
     if isinstance(raw, str):
         try:

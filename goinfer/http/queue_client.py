@@ -225,21 +225,17 @@ class QueueClient:
         keys = [stream, replay_key] if replay_key else [stream]
         args = [self._max_length, payload, replay_ttl_s, JOB_FIELD]
         started = time.monotonic()
-        if self._enqueue is not None:  # one Redis: told the enqueue's outcome, woken only by the reply
-            self._enqueue.send(keys, args, functools.partial(self._enqueued, future, job_id, stream, started, health))
-            try:
-                return await future
-            finally:
-                self._waiting.pop(job_id, None)
         try:
+            if self._enqueue is not None:  # one Redis: told the enqueue's outcome, woken only by the reply
+                self._enqueue.send(keys, args, functools.partial(self._enqueued, future, job_id, stream, started,
+                                                                 health))
+                return await future
             try:
                 outcome = await self._send(keys, args)
             except NotQueued as failure:
                 raise self._send_failure(started, failure.cause, health) from None
             except MaybeQueued as failure:
-                if not self._noted(started, failure.cause, health):
-                    log.warning("request %s may have been queued on %s (%s); awaiting its reply",
-                                job_id, stream, failure)
+                self._maybe_queued(job_id, stream, started, failure, health)
                 return await future
             self._queued(outcome, started, health)
             return await future
@@ -251,8 +247,7 @@ class QueueClient:
         """What `submit` does with its enqueue's outcome, on one Redis: a refusal or a failure
         that certainly did not queue is the request's answer; otherwise it waits for its reply."""
         if isinstance(failure, MaybeQueued):
-            if not self._noted(started, failure.cause, health):
-                log.warning("request %s may have been queued on %s (%s); awaiting its reply", job_id, stream, failure)
+            self._maybe_queued(job_id, stream, started, failure, health)
             return
         try:
             if isinstance(failure, NotQueued):
@@ -261,6 +256,12 @@ class QueueClient:
         except (SendFailure, QueueFull, Replayed) as refused:
             if not future.done():
                 future.set_exception(refused)
+
+    def _maybe_queued(self, job_id: str, stream: str, started: float, failure: MaybeQueued,
+                      health: RedisHealth) -> None:
+        """An enqueue sent whose answer never came: the request waits for its reply (or its deadline)."""
+        if not self._noted(started, failure.cause, health):
+            log.warning("request %s may have been queued on %s (%s); awaiting its reply", job_id, stream, failure)
 
     async def submit_job(self, stream: str, record_key: str, record: dict[str, str], record_ttl_s: int,
                          payload: str, replay_key: str | None = None, replay_ttl_s: int = 0) -> None:
