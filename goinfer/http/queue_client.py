@@ -226,7 +226,9 @@ class QueueClient:
         args = [self._max_length, payload, replay_ttl_s, JOB_FIELD]
         started = time.monotonic()
         try:
-            if self._enqueue is not None:  # one Redis: told the enqueue's outcome, woken only by the reply
+            if self._enqueue is not None and self.replica_wait is None:
+                # One Redis: told the enqueue's outcome, woken only by the reply. (With
+                # EnqueueReplicas the request must not be answered before its WAIT: it awaits it.)
                 self._enqueue.send(keys, args, functools.partial(self._enqueued, future, job_id, stream, started,
                                                                  health))
                 return await future
