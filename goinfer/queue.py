@@ -400,7 +400,8 @@ class Reply:
     queued_ms: float | None = None
     infer_ms: float | None = None
     revision: str | None = None  # model_revision() of the model that computed it
-    answer: bytes | None = None
+    # How the data travelled, not what it is: two replies with the same data are equal.
+    answer: bytes | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> str:
         """Strict JSON in valid UTF-8; ValueError for `data` that cannot be that.
