@@ -11,6 +11,7 @@ callers decide what may be retried.
 
 from __future__ import annotations
 
+import inspect
 import socket
 from typing import Any, cast
 
@@ -223,3 +224,11 @@ def refusal(exc: BaseException, server: ServerSettings) -> RedisRefused | None:
     if not in_url and not server.redis_passwd:  # NOAUTH; its text speaks of the handshake, not of the fix
         return RedisRefused(f"redis at {address} requires a password and Server.RedisPasswd is empty (NOAUTH)")
     return RedisRefused(f"redis at {address} refuses {setting}: {detail}")
+
+
+def pool_wants_command_name(pool_class: Any) -> bool:
+    """Whether `pool_class.get_connection` must be given a command name: before redis-py 5.3 it
+    must; 5.3 and later take none (and warn when given one). For the callers that take
+    connections from a pool themselves (the HTTP tier's enqueue batcher, a worker's round trips)."""
+    parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
+    return parameter is not None and parameter.default is inspect.Parameter.empty

@@ -17,7 +17,6 @@ worker's recovery of unsent replies).
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,12 +26,11 @@ import redis
 from redis.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ResponseError
 
+from goinfer.connections import pool_wants_command_name
+
 Parser = Callable[[Any], Any]
 
-# redis-py 5.3 and later take no command name here (and warn when given one); earlier ones need one.
-_NAMELESS_GET_CONNECTION = inspect.signature(ConnectionPool.get_connection).parameters.get(
-    "command_name", inspect.Parameter("command_name", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-).default is not inspect.Parameter.empty
+_POOL_WANTS_COMMAND_NAME = pool_wants_command_name(ConnectionPool)
 
 
 class HeldConnection:
@@ -68,9 +66,9 @@ class HeldConnection:
 
 
 def _take(pool: ConnectionPool) -> AbstractConnection:
-    if _NAMELESS_GET_CONNECTION:
-        return pool.get_connection()
-    return pool.get_connection("PIPELINE")  # type: ignore[call-arg,unused-ignore]
+    if _POOL_WANTS_COMMAND_NAME:
+        return pool.get_connection("PIPELINE")  # type: ignore[call-arg,unused-ignore]
+    return pool.get_connection()
 
 
 class RoundTrip:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError, ResponseError
 
+from goinfer.connections import pool_wants_command_name
 from goinfer.http.replication import ReplicaWait
 from goinfer.queue import ENQUEUE_SCRIPT, ENQUEUE_SHA, QUEUED
 
@@ -246,16 +246,13 @@ class EnqueueBatcher:
             return None
 
 
-# redis-py 5.3 and later take no argument here (and warn when given one); earlier ones need a name.
-_NAMELESS_GET_CONNECTION = inspect.signature(ConnectionPool.get_connection).parameters.get(
-    "command_name", inspect.Parameter("command_name", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-).default is not inspect.Parameter.empty
+_POOL_WANTS_COMMAND_NAME = pool_wants_command_name(ConnectionPool)
 
 
 async def _get_connection(pool: ConnectionPool) -> AbstractConnection:
-    if _NAMELESS_GET_CONNECTION:
-        return await pool.get_connection()
-    return await pool.get_connection("EVALSHA")  # type: ignore[call-arg,unused-ignore]
+    if _POOL_WANTS_COMMAND_NAME:
+        return await pool.get_connection("EVALSHA")  # type: ignore[call-arg,unused-ignore]
+    return await pool.get_connection()
 
 
 # Tasks the loop only references weakly: kept here until they finish.
