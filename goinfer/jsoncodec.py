@@ -92,9 +92,8 @@ def _repr_floats(text: bytes) -> bytes | None:
     and how it is padded differ. The embedding's answers (384 floats) come here about one time
     in two, with one or two such floats each: they are found with bytes.find and fixed one by
     one (~6 us for a 5 KB answer; the regular expressions this replaced took ~26 us, and the
-    json module's whole text ~125 us). Without
-    an escaped quote every quote delimits a string, so a spot is outside strings when an even
-    number of quotes comes before it.
+    json module's whole text ~125 us). Without an escaped quote every quote delimits a string,
+    so a spot is outside strings when an even number of quotes comes before it.
     """
     if b"\\" in text and b'\\"' in text:  # (a backslash is found by memchr, a 2-byte needle ~1 ns a byte)
         return None
@@ -126,17 +125,17 @@ def _outside_strings(text: bytes, needle: bytes, rare_first_byte: bool) -> list[
     """
     found: list[int] = []
     quotes = counted = 0
-    first = needle[:1]
-    at = text.find(first if rare_first_byte else needle)
+    sought = needle[:1] if rare_first_byte else needle
+    at = text.find(sought)
     while at != -1:
-        if rare_first_byte and not text.startswith(needle, at):
-            at = text.find(first, at + 1)
+        if not text.startswith(needle, at):  # only the first byte was sought
+            at = text.find(sought, at + 1)
             continue
         quotes += text.count(b'"', counted, at)
         counted = at
         if not quotes % 2:
             found.append(at)
-        at = text.find(first if rare_first_byte else needle, at + len(needle))
+        at = text.find(sought, at + len(needle))
     return found
 
 

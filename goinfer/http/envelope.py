@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from goinfer import jsoncodec
-from goinfer.queue import answer_data
+from goinfer.queue import answer_data, answer_payload
 
 JSON_CONTENT_TYPE = "application/json"
 # RecvMsgFail's default code: a reply whose data cannot be written as strict JSON.
@@ -41,9 +41,9 @@ def _encode(body: dict[str, Any]) -> bytes:
 def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
     data_text = answer_data(request_id, data)
     if data_text is None:
-        payload = {**data, "msg": "success", "requestId": request_id}
         try:
-            text = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            text = json.dumps(answer_payload(request_id, data), ensure_ascii=False, sort_keys=True,
+                              separators=(",", ":"), allow_nan=False)
         except ValueError:  # NaN or Infinity, which only a foreign or outdated worker would send
             return failure(app_id, request_id, UNSENDABLE_REPLY_CODE,
                            "receive message fail : reply data is not valid JSON")
