@@ -226,9 +226,24 @@ def refusal(exc: BaseException, server: ServerSettings) -> RedisRefused | None:
     return RedisRefused(f"redis at {address} refuses {setting}: {detail}")
 
 
-def pool_wants_command_name(pool_class: Any) -> bool:
+def _pool_wants_command_name(pool_class: Any) -> bool:
     """Whether `pool_class.get_connection` must be given a command name: before redis-py 5.3 it
-    must; 5.3 and later take none (and warn when given one). For the callers that take
-    connections from a pool themselves (the HTTP tier's enqueue batcher, a worker's round trips)."""
+    must; 5.3 and later take none (and warn when given one)."""
     parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
     return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+_WANTS_COMMAND_NAME: dict[type, bool] = {}
+
+
+def take_connection(pool: Any, command_name: str) -> Any:
+    """A connection from a redis-py pool (an awaitable one from an asyncio pool), for the callers
+    that send raw commands on connections they take themselves: the HTTP tier's enqueue batcher
+    and reply reader, a worker's round trips."""
+    kind = type(pool)
+    wants = _WANTS_COMMAND_NAME.get(kind)
+    if wants is None:
+        wants = _WANTS_COMMAND_NAME[kind] = _pool_wants_command_name(kind)
+    if wants:
+        return pool.get_connection(command_name)
+    return pool.get_connection()

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from goinfer.connections import pool_wants_command_name
-
-_POOL_WANTS_COMMAND_NAME = pool_wants_command_name(ConnectionPool)
+from goinfer.connections import take_connection
 
 
 class ReplyPopper:
@@ -70,8 +68,7 @@ class ReplyPopper:
             if held[0] is client:
                 return held[1]
             await self._give_back(reader)  # on a cluster, the lists' primary changed
-        pool = client.connection_pool
-        connection = await (pool.get_connection("BLMPOP") if _POOL_WANTS_COMMAND_NAME else pool.get_connection())
+        connection: AbstractConnection = await take_connection(client.connection_pool, "BLMPOP")
         self._held[reader] = (client, connection)
         return connection
 

@@ -23,14 +23,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from redis.connection import AbstractConnection, ConnectionPool
+from redis.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from goinfer.connections import pool_wants_command_name
+from goinfer.connections import take_connection
 
 Parser = Callable[[Any], Any]
-
-_POOL_WANTS_COMMAND_NAME = pool_wants_command_name(ConnectionPool)
 
 
 class HeldConnection:
@@ -47,7 +45,7 @@ class HeldConnection:
         with self._lock:
             if client is not self._client or self._connection is None:
                 self._give_back()
-                self._connection = _take(client.connection_pool)
+                self._connection = take_connection(client.connection_pool, "PIPELINE")
                 self._client = client
             try:
                 yield self._connection
@@ -63,12 +61,6 @@ class HeldConnection:
         if self._client is not None and self._connection is not None:
             self._client.connection_pool.release(self._connection)  # type: ignore[arg-type]
         self._client = self._connection = None
-
-
-def _take(pool: ConnectionPool) -> AbstractConnection:
-    if _POOL_WANTS_COMMAND_NAME:
-        return pool.get_connection("PIPELINE")  # type: ignore[call-arg,unused-ignore]
-    return pool.get_connection()
 
 
 class RoundTrip:

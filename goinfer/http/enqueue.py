@@ -21,7 +21,7 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError, ResponseError
 
-from goinfer.connections import pool_wants_command_name
+from goinfer.connections import take_connection
 from goinfer.http.replication import ReplicaWait
 from goinfer.queue import ENQUEUE_SCRIPT, ENQUEUE_SHA, QUEUED
 
@@ -169,7 +169,7 @@ class EnqueueBatcher:
         """Send `batch` on one connection and settle each item; returns those Redis answered
         NOSCRIPT (not run, to be sent again once the script is loaded)."""
         try:
-            connection = await _get_connection(self._pool)
+            connection = await take_connection(self._pool, "EVALSHA")
         except Exception as exc:  # noqa: BLE001 - no connection: nothing was sent
             for item in batch:
                 item.fail(NotQueued(exc))
@@ -245,14 +245,6 @@ class EnqueueBatcher:
             log.debug("WAIT for %d replica(s) failed: %s", self._replicas.replicas, exc)
             return None
 
-
-_POOL_WANTS_COMMAND_NAME = pool_wants_command_name(ConnectionPool)
-
-
-async def _get_connection(pool: ConnectionPool) -> AbstractConnection:
-    if _POOL_WANTS_COMMAND_NAME:
-        return await pool.get_connection("EVALSHA")  # type: ignore[call-arg,unused-ignore]
-    return await pool.get_connection()
 
 
 # Tasks the loop only references weakly: kept here until they finish.
