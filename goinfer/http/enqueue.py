@@ -246,7 +246,6 @@ class EnqueueBatcher:
             return None
 
 
-
 # Tasks the loop only references weakly: kept here until they finish.
 _RUNNING: set[asyncio.Task[None]] = set()
 
