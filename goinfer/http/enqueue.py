@@ -11,6 +11,7 @@ whether each request certainly did not run (NotQueued: SendMsgFail may be answer
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Coroutine
@@ -85,27 +86,29 @@ Settle = Callable[[Any, "Exception | None"], None]
 
 @dataclass
 class _Enqueue:
-    """One request's enqueue call, waiting for its batch's round trip: its caller awaits
-    `future`, or is told by `settle`."""
+    """One request's enqueue call, waiting for its batch's round trip, which tells `settle`."""
 
     keys: list[str]
     args: list[Any]
-    future: asyncio.Future[Any] | None
+    settle: Settle
     script: Script = ENQUEUE
     packed: list[bytes] = field(default_factory=list)
-    settle: Settle | None = None
 
     def fail(self, failure: Exception) -> None:
-        if self.settle is not None:
-            self.settle(None, failure)
-        elif self.future is not None and not self.future.done():
-            self.future.set_exception(failure)
+        self.settle(None, failure)
 
     def resolve(self, result: Any) -> None:
-        if self.settle is not None:
-            self.settle(result, None)
-        elif self.future is not None and not self.future.done():
-            self.future.set_result(result)
+        self.settle(result, None)
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, failure: Exception | None) -> None:
+    """The Settle of an awaited call: its future gets the outcome (unless it stopped waiting)."""
+    if future.done():
+        return
+    if failure is not None:
+        future.set_exception(failure)
+    else:
+        future.set_result(result)
 
 
 class EnqueueBatcher:
@@ -130,13 +133,13 @@ class EnqueueBatcher:
         """The script's result; raises NotQueued or MaybeQueued."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._add(loop, _Enqueue(keys, args, future, script))
+        self._add(loop, _Enqueue(keys, args, functools.partial(_settle_future, future), script))
         return await future
 
     def send(self, keys: list[str], args: list[Any], settle: Settle) -> None:
         """ENQUEUE with `settle` told its outcome from the batch's round trip: for a caller that
         awaits something else (its reply) meanwhile, so it is woken once, not twice."""
-        self._add(asyncio.get_running_loop(), _Enqueue(keys, args, None, settle=settle))
+        self._add(asyncio.get_running_loop(), _Enqueue(keys, args, settle))
 
     def _add(self, loop: asyncio.AbstractEventLoop, item: _Enqueue) -> None:
         if not self._pending:

@@ -42,12 +42,10 @@ def success(app_id: str, request_id: str, data: dict[str, Any]) -> web.Response:
     data_text = answer_data(request_id, data)
     if data_text is None:
         try:
-            text = json.dumps(answer_payload(request_id, data), ensure_ascii=False, sort_keys=True,
-                              separators=(",", ":"), allow_nan=False)
+            data_text = _encode(answer_payload(request_id, data))[:-1]  # without the newline
         except ValueError:  # NaN or Infinity, which only a foreign or outdated worker would send
             return failure(app_id, request_id, UNSENDABLE_REPLY_CODE,
                            "receive message fail : reply data is not valid JSON")
-        data_text = text.encode("utf-8", "replace")
     return answered(app_id, data_text)
 
 

@@ -231,23 +231,22 @@ class QueueClient:
                 # EnqueueReplicas the request must not be answered before its WAIT: it awaits it.)
                 self._enqueue.send(keys, args, functools.partial(self._enqueued, future, job_id, stream, started,
                                                                  health))
-                return await future
-            try:
-                outcome = await self._send(keys, args)
-            except NotQueued as failure:
-                raise self._send_failure(started, failure.cause, health) from None
-            except MaybeQueued as failure:
-                self._maybe_queued(job_id, stream, started, failure, health)
-                return await future
-            self._queued(outcome, started, health)
+            else:
+                outcome: Any = None
+                failure: Exception | None = None
+                try:
+                    outcome = await self._send(keys, args)
+                except (NotQueued, MaybeQueued) as exc:
+                    failure = exc
+                self._enqueued(future, job_id, stream, started, health, outcome, failure)
             return await future
         finally:
             self._waiting.pop(job_id, None)
 
     def _enqueued(self, future: asyncio.Future[Reply], job_id: str, stream: str, started: float,
                   health: RedisHealth, outcome: Any, failure: Exception | None) -> None:
-        """What `submit` does with its enqueue's outcome, on one Redis: a refusal or a failure
-        that certainly did not queue is the request's answer; otherwise it waits for its reply."""
+        """What `submit` does with its enqueue's outcome: a refusal or a failure that certainly
+        did not queue is the request's answer; otherwise it waits for its reply."""
         if isinstance(failure, MaybeQueued):
             self._maybe_queued(job_id, stream, started, failure, health)
             return
