@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -142,6 +143,16 @@ def upstream_counts(access_log: Path, path_prefix: str = "/api/") -> Counter:
         if match and match.group(1).startswith(path_prefix):
             counts[match.group(3).split(", ")[-1]] += 1
     return counts
+
+
+def upstream_times(access_log: Path) -> dict[str, str]:
+    """Each tier's median and slowest upstream time, for the message of a failed spread check."""
+    times: dict[str, list[float]] = {}
+    for line in access_log.read_text().splitlines():
+        match = re.search(r"upstream=(\S+(?:, \S+)*) upstream_status.* upstream_time=(?:[\d.]+, )*([\d.]+)$", line)
+        if match:
+            times.setdefault(match.group(1).split(", ")[-1], []).append(float(match.group(2)))
+    return {tier: f"median {statistics.median(t):.3f} s, max {max(t):.3f} s" for tier, t in times.items()}
 
 
 # --- the layouts: one machine, or namespaces standing in for machines ---------------------------
@@ -276,7 +287,11 @@ def run_deployment(layout: Layout, tmp_path: Path, processes: ProcessFactory, re
         per_tier = wait_until(lambda: (c := upstream_counts(nginx.access_log)) and sum(c.values()) >= first and c,
                               5, "nginx's access log")
         assert set(per_tier) == set(layout.tiers) and sum(per_tier.values()) == first, per_tier
-        assert min(per_tier.values()) >= first // 10, f"least_conn should spread the load: {per_tier}"
+        # least_conn keeps the tiers' in-flight counts even, so each tier's share follows its speed,
+        # and on a shared 2-core machine one tier can run several times slower for a while (CI
+        # once saw 273 / 27). The check is that both take a real share, not an even one.
+        assert min(per_tier.values()) >= first // 25, \
+            f"least_conn should spread the load: {per_tier}, {upstream_times(nginx.access_log)}"
         served_by = Counter(r["answer"]["tag"] for r in results if r["path"] == "/api/record")
         assert {tag[:2] for tag in served_by} == {"q0", "q1"}, served_by
 
