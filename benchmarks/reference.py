@@ -113,8 +113,10 @@ def evaluate_targets(points: Mapping[tuple[str, int], Measured], embedding: Mapp
     ref = GOINFER["sleep-10ms", 64]
     name = f"10 ms model, MaxWorkers 8, 64 conns: req/s ≥ {SLEEP_RPS}"
     reference = f"go-infer {ref.rps:,.0f} req/s"
+    alone = points.get(("sleep-10ms-alone", 8))
+    of_alone = f" = {point.rps / alone.rps:.3f} of the model alone, {alone.rps:,.0f}" if point and alone else ""
     targets.append(_missing(name, reference) if point is None else
-                   Target(name, f"{point.rps:,.0f} req/s", reference, point.rps >= SLEEP_RPS))
+                   Target(name, f"{point.rps:,.0f} req/s{of_alone}", reference, point.rps >= SLEEP_RPS))
     # The model sleeps: it burns no CPU, so all the processes' CPU is the framework's.
     name = "10 ms model: framework CPU/request ≤ go-infer"
     reference = f"{ref.cpu_ms:.2f} ms"

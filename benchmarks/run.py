@@ -33,6 +33,7 @@ import asyncio
 import http.client
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -52,9 +53,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from benchmarks import ceiling as encoder_ceiling
+from benchmarks.models import Sleep10ms
 from benchmarks.options import positive_numbers
 from benchmarks.reference import GOINFER_PROVENANCE, Target, evaluate_targets
 from goinfer.client import SignType
+from goinfer.models.base import Model
 from goinfer.queue import stream_name
 from goinfer.redis_server import RedisServer, RedisServerError
 from goinfer.settings import ApiSettings
@@ -392,6 +395,40 @@ def sleep_scenario(service: Service, args: Any, points: list[Point]) -> None:
     points.append(drive(service, "sleep-10ms", f"http://127.0.0.1:{port}/api/sleep", body, 64,
                         args.duration, "MaxWorkers 8, ideal 800 req/s"))
     service.stop_tiers()
+    points.append(model_alone(Sleep10ms(), {"n": 1}, callers=8, duration=min(args.duration, 5)))
+
+
+def model_alone(model: Model, params: dict[str, Any], callers: int, duration: float) -> Point:
+    """The model's own limit here: `callers` threads calling its infer back to back, with nothing
+    around it (no HTTP, no Redis, no worker loop), as many as the served MaxWorkers.
+
+    "Ideal" assumes each call takes exactly what the model asks for; on a VM a 10 ms sleep can
+    take 10.2 ms, which alone moves the ceiling by 2 %. Measured in the same run, after the
+    served point, so the served figure can be read against what the model itself allows. Threads
+    suffice for a model that sleeps (time.sleep releases the GIL).
+    """
+    calls: list[list[float]] = [[] for _ in range(callers)]
+    start = time.perf_counter()
+    stop_at = start + duration
+
+    def call_until_stop(times: list[float]) -> None:
+        while (began := time.perf_counter()) < stop_at:
+            model.infer("alone", params)
+            times.append(time.perf_counter() - began)
+
+    threads = [threading.Thread(target=call_until_stop, args=(times,)) for times in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    every = sorted(t * 1000 for times in calls for t in times)
+    point = Point("sleep-10ms-alone", callers, len(every) / elapsed, every[len(every) // 2],
+                  every[min(len(every) - 1, int(len(every) * 0.99))], len(every), 0,
+                  f"the model alone: {callers} threads calling infer, p50/p99 are one call's time")
+    print(f"  {point.scenario:<25} c={callers:<4} {point.rps:8.0f} calls/s  one call p50 {point.p50_ms:.3f} ms"
+          f"  p99 {point.p99_ms:.3f} ms", file=sys.stderr)
+    return point
 
 
 def floats_attack_body(size: int) -> bytes:
@@ -591,12 +628,17 @@ def points_table(points: list[Point], with_round: bool = False) -> list[str]:
     for p in points:
         answered = p.requests > 0  # else wrk's latencies are zeros and the CPU per request undefined
         lines.append(f"| {p.scenario} | {p.connections} |{f' {p.round} |' if with_round else ''} {p.rps:.0f} | "
-                     + (f"{p.p50_ms:.2f} | {p.p99_ms:.2f} | {p.cpu_ms:.2f} | " if answered else "— | — | — | ")
+                     + (f"{p.p50_ms:.2f} | {p.p99_ms:.2f} | {_cell(p.cpu_ms)} | " if answered else "— | — | — | ")
                      + "".join(f"{p.cpu_split[kind]:.2f} | " if answered and kind in p.cpu_split else "— | "
                                for kind in split)
-                     + (f"{p.load_cpu_ms:.2f} | " if answered else "— | ")
+                     + (f"{_cell(p.load_cpu_ms)} | " if answered else "— | ")
                      + f"{p.requests} | {p.errors} | {p.note} |")
     return lines
+
+
+def _cell(value: float) -> str:
+    """A figure with two decimals; a dash for one not measured (the model alone has no CPU split)."""
+    return "—" if math.isnan(value) else f"{value:.2f}"
 
 
 def ceiling_table(ceilings: list[encoder_ceiling.Ceiling], ratio: dict[str, Any] | None) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import ceiling, reference, run
+from benchmarks.models import Sleep10ms
 from benchmarks.run import CeilingRound, Point
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,11 @@ def test_targets_compare_with_go_infer_and_the_issue_thresholds() -> None:
         "10 ms model: framework CPU/request ≤ go-infer": False,  # 0.54 > 0.53
         "embedding, short texts, 64 conns, batching on: ≥ 85% of the in-process ceiling": False,
     }
+    sleep = {t.name: t.measured for t in reference.evaluate_targets(points, None)}
+    assert sleep["10 ms model, MaxWorkers 8, 64 conns: req/s ≥ 776"] == "780 req/s"
+    points["sleep-10ms-alone", 8] = point("sleep-10ms-alone", 8, 784)
+    sleep = {t.name: t.measured for t in reference.evaluate_targets(points, None)}
+    assert sleep["10 ms model, MaxWorkers 8, 64 conns: req/s ≥ 776"] == "780 req/s = 0.995 of the model alone, 784"
     missing = verdicts(reference.evaluate_targets({}, None))
     assert set(missing.values()) == {None}, "a target whose point did not run is neither met nor missed"
 
@@ -148,3 +154,12 @@ def test_the_ceiling_runs_the_served_layout_in_process() -> None:
     assert [c.batch for c in measured] == [1, 4]
     for c in measured:
         assert c.sentences_s > 0 and c.call_ms > 0 and c.cpu_ms_per_sentence > 0
+
+
+def test_the_model_alone_is_timed_call_by_call() -> None:
+    """The 10 ms model's own limit: 4 threads for 0.3 s make about 4 x 30 calls of at least 10 ms."""
+    alone = run.model_alone(Sleep10ms(), {"n": 1}, callers=4, duration=0.3)
+    assert (alone.scenario, alone.connections) == ("sleep-10ms-alone", 4)
+    assert 4 * 20 <= alone.requests <= 4 * 31 and alone.errors == 0
+    assert 10.0 <= alone.p50_ms <= alone.p99_ms
+    assert alone.rps <= 4 * 100  # never faster than the sleep allows
