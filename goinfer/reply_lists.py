@@ -8,7 +8,9 @@ The BLMPOP goes straight onto a connection each reader keeps, not through the cl
 execute_command: redis-py's way (retry wrapper, argument checks, a pool take and give-back per
 command) cost ~14 % of the HTTP process's CPU when answers come one at a time (a 10 ms model).
 A connection whose command failed part way, or was cancelled, is closed and given back, so that
-the next one comes from the pool as the pool connects it (behind Sentinel, to the new master).
+the next one comes from the pool as the pool connects it (behind Sentinel, to the new master);
+one whose command Redis refused is given back open, where the tier's closing of idle connections
+reaches it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ class ReplyPopper:
                 if "unknown command" not in str(exc).lower():
                     raise
                 self._blmpop = False
-                await self._give_back(tuple(keys))
         item = await client.blpop(keys, timeout=timeout_s)
         if item is None:
             return []
@@ -57,7 +58,10 @@ class ReplyPopper:
             await connection.send_command(*args)
             return await connection.read_response()
         except ResponseError:
-            raise  # an error reply: the connection is in step
+            # In step, but given back: the error may come from a server that no longer takes
+            # writes (READONLY), and the tier closes the pool's idle connections once it knows.
+            await self._give_back(tuple(keys))
+            raise
         except BaseException:  # cancelled, or the connection failed: it may be out of step
             await self._give_back(tuple(keys), disconnect=True)
             raise

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis import asyncio as redis_asyncio
+from redis.exceptions import ResponseError
 
 from goinfer import jsoncodec
 from goinfer.client import signed_body
@@ -389,6 +390,30 @@ def test_reply_lists_are_popped_on_a_kept_connection_and_a_cancelled_pop_takes_n
             await client.rpush(key, b"after")
             assert await popper.pop(client, [key], 1, 10) == [b"after"]
             assert await popper.pop(client, [key], 0.1, 10) == []
+        finally:
+            await client.delete(key)
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_pop_redis_refuses_gives_its_connection_back(redis_server) -> None:
+    """A refused BLMPOP (here WRONGTYPE; after a failover, READONLY or UNBLOCKED) gives the reader's
+    connection back to the pool open, where the tier's closing of idle connections reaches it,
+    rather than keep it on a server that may no longer be the master."""
+    async def scenario() -> None:
+        client = redis_asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+        pool = client.connection_pool
+        popper = ReplyPopper()
+        key = f"test:replies:{uuid.uuid4().hex}"
+        try:
+            await client.set(key, "not a list")
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await popper.pop(client, [key], 0.1, 10)
+            assert len(pool._in_use_connections) == 0 and len(pool._available_connections) == 1
+            await client.delete(key)
+            await client.rpush(key, b"a")
+            assert await popper.pop(client, [key], 1, 10) == [b"a"]
         finally:
             await client.delete(key)
             await client.aclose()
