@@ -163,3 +163,12 @@ def test_the_model_alone_is_timed_call_by_call() -> None:
     assert 4 * 20 <= alone.requests <= 4 * 31 and alone.errors == 0
     assert 10.0 <= alone.p50_ms <= alone.p99_ms
     assert alone.rps <= 4 * 100  # never faster than the sleep allows
+
+
+def test_the_wakeup_costs_are_measured_against_a_real_redis() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.wakeups", "--messages", "50"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("both block" in line for line in lines) and any("both busy-poll" in line for line in lines)
+    assert sum("PING to redis-server" in line and "client CPU" in line for line in lines) == 2, result.stdout
