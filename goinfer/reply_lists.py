@@ -53,17 +53,18 @@ class ReplyPopper:
 
     async def _command(self, client: Any, keys: list[str], *args: Any) -> Any:
         """`args`' reply, on the connection the reader of `keys` keeps with `client`."""
-        connection = await self._connection(client, tuple(keys))
+        reader = tuple(keys)
+        connection = await self._connection(client, reader)
         try:
             await connection.send_command(*args)
             return await connection.read_response()
         except ResponseError:
             # In step, but given back: the error may come from a server that no longer takes
             # writes (READONLY), and the tier closes the pool's idle connections once it knows.
-            await self._give_back(tuple(keys))
+            await self._give_back(reader)
             raise
         except BaseException:  # cancelled, or the connection failed: it may be out of step
-            await self._give_back(tuple(keys), disconnect=True)
+            await self._give_back(reader, disconnect=True)
             raise
 
     async def _connection(self, client: Any, reader: tuple[str, ...]) -> AbstractConnection:

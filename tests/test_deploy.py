@@ -135,23 +135,31 @@ def start_nginx(prefix: Path, listen: str, tiers: list[str], command_prefix: lis
     return Nginx(prefix, process)
 
 
+# One line of deploy/nginx.conf's goinfer log format: the request's path, its status, the tiers
+# tried (the last one answered) and each one's time ("-" for a tier that never answered).
+_ACCESS_LINE = re.compile(r'"POST (\S+) [^"]*" (\d+) .*upstream=(\S+(?:, \S+)*) upstream_status'
+                          r'.* upstream_time=(\S+(?:, \S+)*)$')
+
+
+def answered_by(access_log: Path, path_prefix: str = "/api/") -> Iterator[tuple[str, str]]:
+    """(the tier that answered, its upstream time as logged) for each model request in the log."""
+    for line in access_log.read_text().splitlines():
+        match = _ACCESS_LINE.search(line)
+        if match and match.group(1).startswith(path_prefix):
+            yield match.group(3).split(", ")[-1], match.group(4).split(", ")[-1]
+
+
 def upstream_counts(access_log: Path, path_prefix: str = "/api/") -> Counter:
     """How many model requests each tier answered, per nginx's `upstream=` field (last address)."""
-    counts: Counter = Counter()
-    for line in access_log.read_text().splitlines():
-        match = re.search(r'"POST (\S+) [^"]*" (\d+) .*upstream=(\S+(?:, \S+)*) upstream_status', line)
-        if match and match.group(1).startswith(path_prefix):
-            counts[match.group(3).split(", ")[-1]] += 1
-    return counts
+    return Counter(tier for tier, _ in answered_by(access_log, path_prefix))
 
 
 def upstream_times(access_log: Path) -> dict[str, str]:
     """Each tier's median and slowest upstream time, for the message of a failed spread check."""
     times: dict[str, list[float]] = {}
-    for line in access_log.read_text().splitlines():
-        match = re.search(r"upstream=(\S+(?:, \S+)*) upstream_status.* upstream_time=(?:[\d.]+, )*([\d.]+)$", line)
-        if match:
-            times.setdefault(match.group(1).split(", ")[-1], []).append(float(match.group(2)))
+    for tier, took in answered_by(access_log):
+        if took != "-":
+            times.setdefault(tier, []).append(float(took))
     return {tier: f"median {statistics.median(t):.3f} s, max {max(t):.3f} s" for tier, t in times.items()}
 
 
