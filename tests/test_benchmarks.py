@@ -78,11 +78,30 @@ def test_targets_compare_with_go_infer_and_the_issue_thresholds() -> None:
     }
     sleep = {t.name: t.measured for t in reference.evaluate_targets(points, None)}
     assert sleep["10 ms model, MaxWorkers 8, 64 conns: req/s ≥ 776"] == "780 req/s"
-    points["sleep-10ms-alone", 8] = point("sleep-10ms-alone", 8, 784)
+    assert sleep["10 ms model: framework CPU/request ≤ go-infer"] == "0.54 ms (the model only sleeps)"
+    points["sleep-10ms-alone", 8] = point("sleep-10ms-alone", 8, 784, cpu=0.04)
     sleep = {t.name: t.measured for t in reference.evaluate_targets(points, None)}
     assert sleep["10 ms model, MaxWorkers 8, 64 conns: req/s ≥ 776"] == "780 req/s = 0.995 of the model alone, 784"
+    assert sleep["10 ms model: framework CPU/request ≤ go-infer"] == \
+        "0.54 ms (the model only sleeps; the sleep itself costs 0.04, measured alone)"
     missing = verdicts(reference.evaluate_targets({}, None))
     assert set(missing.values()) == {None}, "a target whose point did not run is neither met nor missed"
+
+
+def test_the_take_ahead_point_is_set_beside_the_default_one() -> None:
+    """Not a target: a sentence after the table, with both points' figures from the same run."""
+    points = by_key([point("sleep-10ms", 64, 746, p50=83.6, cpu=1.62)])
+    assert reference.take_ahead_note(points, 25) is None
+    points["sleep-10ms-take-ahead", 64] = point("sleep-10ms-take-ahead", 64, 758, p50=83.3, cpu=1.22)
+    note = reference.take_ahead_note(points, 25)
+    assert note is not None and "TakeAheadMs 25" in note
+    assert "758 req/s for 1.22 ms of CPU per request, p50 83.3 ms, against 746 req/s, 1.62 ms and p50 83.6 ms" \
+        in note
+
+    class Args:
+        only = {"sleep-10ms"}
+
+    assert all(run.selected(Args, name) for name in run.SLEEP_POINTS)
 
 
 def test_served_over_ceiling_is_the_median_of_each_rounds_ratio() -> None:
@@ -163,6 +182,7 @@ def test_the_model_alone_is_timed_call_by_call() -> None:
     assert 4 * 20 <= alone.requests <= 4 * 31 and alone.errors == 0
     assert 10.0 <= alone.p50_ms <= alone.p99_ms
     assert alone.rps <= 4 * 100  # never faster than the sleep allows
+    assert 0 < alone.cpu_ms < 5  # the sleeps' own CPU: far below the time they last
 
 
 def test_the_wakeup_costs_are_measured_against_a_real_redis() -> None:
