@@ -12,9 +12,10 @@ This prints, from one run:
 - a PING to a private redis-server through asyncio streams on uvloop (the floor of any asyncio
   Redis client) and through redis-py's asyncio client: the client's CPU and wall time each.
 
-On the project's VM (2 vCPUs): blocking 74 us at the median, busy-polling 10 us; the asyncio
-PING 93-99 us of the client's CPU, redis-py's 167-248 us. These bound what the 1-connection
-latency and the CPU per request at low load can reach whatever the framework does.
+On the project's VM (2 vCPUs): blocking 67-78 us at the median, busy-polling 10-11 us; the
+asyncio PING 41-99 us of the client's CPU, redis-py's 104-248 us, as the VM's speed moves. These
+bound what the 1-connection latency and the CPU per request at low load can reach whatever the
+framework does.
 """
 
 from __future__ import annotations
