@@ -150,3 +150,19 @@ def take_ahead_note(points: Mapping[tuple[str, int], Measured], take_ahead_ms: f
             f"backlog a worker takes two requests per read and answers both in one round trip): {ahead.rps:,.0f} "
             f"req/s for {ahead.cpu_ms:.2f} ms of CPU per request, p50 {ahead.p50_ms:.1f} ms, against "
             f"{default.rps:,.0f} req/s, {default.cpu_ms:.2f} ms and p50 {default.p50_ms:.1f} ms with the defaults.")
+
+
+def busy_poll_note(points: Mapping[tuple[str, int], Measured], busy_poll_us: int) -> str | None:
+    """SHA256 echo behind an HTTP tier with API.BusyPollUs beside the default one, same run: not a
+    target (the targets hold the default settings), what the setting trades."""
+    pairs = [(points.get(("echo-sha256", n)), points.get(("echo-sha256-busy-poll", n))) for n in (1, 64)]
+    measured = [(n, default, busy) for n, (default, busy) in zip((1, 64), pairs, strict=True)
+                if default is not None and busy is not None]
+    if not measured:
+        return None
+    figures = "; ".join(f"at {n} connection{'s' if n > 1 else ''}, p50 {busy.p50_ms:.2f} ms, {busy.rps:,.0f} req/s "
+                        f"for {busy.cpu_ms:.2f} ms of CPU per request against {default.p50_ms:.2f} ms, "
+                        f"{default.rps:,.0f} req/s and {default.cpu_ms:.2f} ms with the defaults"
+                        for n, default, busy in measured)
+    return (f"Beside the targets, SHA256 echo with BusyPollUs {busy_poll_us} (the HTTP tier polls {busy_poll_us} µs "
+            f"after each request and response before it sleeps, while a core is spare): {figures}.")

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 from benchmarks import ceiling as encoder_ceiling
 from benchmarks.models import Sleep10ms
 from benchmarks.options import positive_numbers
-from benchmarks.reference import GOINFER_PROVENANCE, Target, evaluate_targets, take_ahead_note
+from benchmarks.reference import GOINFER_PROVENANCE, Target, busy_poll_note, evaluate_targets, take_ahead_note
 from goinfer.client import SignType
 from goinfer.models.base import Model
 from goinfer.queue import stream_name
@@ -349,6 +349,13 @@ def selected(args: Any, name: str) -> bool:
     return not args.only or any(name == entry or name.startswith(entry + "-") for entry in args.only)
 
 
+# The echo's point with API.BusyPollUs (off by default): long enough to cover an echo's answer
+# (~0.3-0.4 ms after its enqueue at one connection), at one connection, where every step wakes a
+# sleeping process, and at 64, where the loop seldom sleeps (those of --connections).
+ECHO_BUSY_POLL_US = 500
+BUSY_POLL_CONNECTIONS = (1, 64)
+
+
 def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dict[str, float]) -> None:
     settings, port = write_settings(service, "echo", ["goinfer.models.echo:Echo"],
                                     MaxWorkers=args.echo_workers, http_workers=args.http_workers)
@@ -370,6 +377,17 @@ def echo_scenarios(service: Service, args: Any, points: list[Point], memory: dic
         for connections in args.connections:
             points.append(drive(service, name, url, body_for(data, sign_type), connections, args.duration,
                                 f"{args.http_workers} HTTP proc, {args.echo_workers} workers"))
+    if selected(args, "echo-sha256-busy-poll"):
+        # The same dispatcher, now behind an HTTP tier that polls before it sleeps.
+        busy, busy_port = write_settings(service, "echo-busy-poll", ["goinfer.models.echo:Echo"],
+                                         api={"BusyPollUs": ECHO_BUSY_POLL_US}, QueueName="bench-echo-",
+                                         MaxWorkers=args.echo_workers, http_workers=args.http_workers)
+        service.start("http", "--yaml", str(busy), log_name="http-busy-poll")
+        busy_url = f"http://127.0.0.1:{busy_port}/api/echo"
+        wait_http(busy_port, "/api/echo", body_for(data, "SHA256"))
+        for connections in [n for n in args.connections if n in BUSY_POLL_CONNECTIONS]:
+            points.append(drive(service, "echo-sha256-busy-poll", busy_url, body_for(data, "SHA256"), connections,
+                                args.duration, f"as echo-sha256, BusyPollUs {ECHO_BUSY_POLL_US}"))
     if selected(args, "baseline-one-hop"):
         baseline_port = free_port()
         baseline = [sys.executable, "-m", "benchmarks.baseline_server"]
@@ -711,8 +729,9 @@ def print_report(points: list[Point], memory: dict[str, float], args: Any,
     targets = evaluate_targets(by, ratio)
     lines += ["", "| target | measured (median) | reference | verdict |", "|---|---|---|---|",
               *(target.as_row() for target in targets), "", GOINFER_PROVENANCE + "."]
-    if (note := take_ahead_note(by, SLEEP_TAKE_AHEAD_MS)) is not None:
-        lines += ["", note]
+    for note in (take_ahead_note(by, SLEEP_TAKE_AHEAD_MS), busy_poll_note(by, ECHO_BUSY_POLL_US)):
+        if note is not None:
+            lines += ["", note]
     report = "\n".join(lines)
     print(report)
     return report
@@ -749,7 +768,8 @@ def json_results(points: list[Point], memory: dict[str, float], args: Any, ceili
 
 
 SLEEP_POINTS = ("sleep-10ms", "sleep-10ms-take-ahead", "sleep-10ms-alone")
-SCENARIOS = ("echo-sha256", "echo-sm2", "baseline-one-hop", *SLEEP_POINTS, "attack",
+ECHO_POINTS = ("echo-sha256", "echo-sm2", "echo-sha256-busy-poll", "baseline-one-hop")
+SCENARIOS = (*ECHO_POINTS, *SLEEP_POINTS, "attack",
              "embedding-short-batch-off", "embedding-long-batch-off", "embedding-short-batch-on",
              "embedding-long-batch-on", "embedding-ceiling")
 
@@ -796,7 +816,7 @@ def main(argv: list[str] | None = None) -> None:
         for number in range(1, args.rounds + 1):
             print(f"round {number} of {args.rounds}", file=sys.stderr)
             first = len(points)
-            if any(selected(args, name) for name in ("echo-sha256", "echo-sm2", "baseline-one-hop")):
+            if any(selected(args, name) for name in ECHO_POINTS):
                 echo_scenarios(service, args, points, memory)
             if any(selected(args, name) for name in SLEEP_POINTS):
                 sleep_scenario(service, args, points)

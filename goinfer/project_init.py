@@ -170,6 +170,10 @@ API:
     # goinfer: one INFO line per answered request on the logger "goinfer.access":
     # method, path, appId, code, latency, requestId. false: no line, no cost.
     AccessLog: true
+    # goinfer: after each request and response, keep polling this many microseconds before the
+    # event loop sleeps, while the machine has a core to spare (0: sleep at once). Lower latency
+    # for fast models at low concurrency, for CPU; see README, Settings.
+    BusyPollUs: 0
     # goinfer: the priority lane (high, normal, low) of every request of these appIds, instead of
     # live requests high, jobs normal, batch rows low; e.g. { 3EA25569454745D01219080B779F021F: low }
     AppIdPriority: {}

@@ -82,6 +82,9 @@ class ApiSettings:
     reject_replay: bool = False
     shutdown_drain_s: float = 1.0
     access_log: bool = True
+    # After each request and response, keep polling this many microseconds before the event loop
+    # sleeps, while the machine has a core to spare (http/busy_poll.py); 0: sleep at once.
+    busy_poll_us: int = 0
     # The priority lane of every request of these appIds (PRIORITIES: high, normal, low), instead
     # of the lane of its kind (live requests high, jobs normal, batch rows low).
     app_id_priority: Mapping[str, str] = field(default_factory=dict)
@@ -446,6 +449,7 @@ _API_KEYS: dict[str, tuple[str, Check]] = {
     "RejectReplay": ("reject_replay", _bool),
     "ShutdownDrainS": ("shutdown_drain_s", _number()),
     "AccessLog": ("access_log", _bool),
+    "BusyPollUs": ("busy_poll_us", _int(0, 1_000_000)),
     "AppIdPriority": ("app_id_priority", _priority_map),
 }
 

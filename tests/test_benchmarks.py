@@ -104,6 +104,25 @@ def test_the_take_ahead_point_is_set_beside_the_default_one() -> None:
     assert all(run.selected(Args, name) for name in run.SLEEP_POINTS)
 
 
+def test_the_busy_poll_point_is_set_beside_the_default_one() -> None:
+    """Not a target either: each connection level both points ran at, from the same run."""
+    points = by_key([point("echo-sha256", 1, 1312, p50=0.74, cpu=0.83),
+                     point("echo-sha256", 64, 7687, p50=8.17, cpu=0.20)])
+    assert reference.busy_poll_note(points, 500) is None
+    points["echo-sha256-busy-poll", 1] = point("echo-sha256-busy-poll", 1, 1636, p50=0.58, cpu=0.92)
+    note = reference.busy_poll_note(points, 500)
+    assert note is not None and "BusyPollUs 500" in note and "64 connections" not in note
+    assert "at 1 connection, p50 0.58 ms, 1,636 req/s for 0.92 ms of CPU per request against 0.74 ms, " \
+        "1,312 req/s and 0.83 ms with the defaults" in note
+    points["echo-sha256-busy-poll", 64] = point("echo-sha256-busy-poll", 64, 7491, p50=8.40, cpu=0.21)
+    assert "at 64 connections, p50 8.40 ms, 7,491 req/s" in (reference.busy_poll_note(points, 500) or "")
+
+    class Args:
+        only = {"echo-sha256"}
+
+    assert run.selected(Args, "echo-sha256-busy-poll") and not run.selected(Args, "echo-sm2")
+
+
 def test_served_over_ceiling_is_the_median_of_each_rounds_ratio() -> None:
     def ceilings(round_number: int, rates: dict[int, float]) -> CeilingRound:
         return CeilingRound(round_number, [ceiling.Ceiling(batch, rate, 10.0, 3.0) for batch, rate in rates.items()])
@@ -123,7 +142,8 @@ def test_served_over_ceiling_is_the_median_of_each_rounds_ratio() -> None:
 
 
 def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> None:
-    """Two rounds of the SHA256 echo at 1 connection, through the command line."""
+    """Two rounds of the SHA256 echo at 1 connection (with and without BusyPollUs), through the
+    command line."""
     out, report = tmp_path / "results.json", tmp_path / "results.md"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--duration", "1", "--rounds", "2", "--only", "echo-sha256",
@@ -132,7 +152,8 @@ def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert [(p["scenario"], p["connections"], p["round"]) for p in data["rounds"]] == \
-        [("echo-sha256", 1, 1), ("echo-sha256", 1, 2)]
+        [("echo-sha256", 1, 1), ("echo-sha256-busy-poll", 1, 1), ("echo-sha256", 1, 2),
+         ("echo-sha256-busy-poll", 1, 2)]
     for measured in data["rounds"]:
         assert measured["requests"] > 0 and measured["errors"] == 0
         split = measured["cpu_split"]
@@ -140,14 +161,16 @@ def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> Non
         assert split["http"] > 0 and split["workers"] > 0 and split["redis"] > 0
         assert sum(split.values()) == pytest.approx(measured["cpu_ms"])
         assert measured["load_cpu_ms"] > 0  # measured, and kept out of cpu_ms
-    [median] = data["medians"]
-    assert median["round"] == 2 and median["requests"] == sum(p["requests"] for p in data["rounds"])
+    median, _ = data["medians"]
+    assert median["scenario"] == "echo-sha256" and median["round"] == 2
+    assert median["requests"] == sum(p["requests"] for p in data["rounds"] if p["scenario"] == "echo-sha256")
     targets = {t["name"]: t for t in data["targets"]}
     assert targets["SHA256 echo, 1 conn: p50 ≤ 0.7 ms"]["met"] is not None
     assert targets["SHA256 echo, 64 conns: req/s ≥ go-infer"]["met"] is None
     text = report.read_text()
     assert "| target | measured (median) | reference | verdict |" in text and "## Every round" in text
     assert "not run" in result.stdout
+    assert "SHA256 echo with BusyPollUs 500" in text
 
 
 def test_help_names_every_option() -> None:

@@ -32,6 +32,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from goinfer.errors import ApiError
 from goinfer.http import envelope
 from goinfer.http.admission import Admission
+from goinfer.http.busy_poll import BusyPoll
 from goinfer.http.entry_pool import ApiEntryPool, EntryBusy, call_entry
 from goinfer.http.metrics import UNROUTED, HttpMetrics
 from goinfer.http.offload import CheckPool, CheckUnavailable, cheap_to_check
@@ -361,11 +362,14 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     cache = ResultCache(settings, routed, streams, metrics, redis_down=lambda: queue.health.down)
     api = ApiHandler(settings, routed, checker, queue, metrics, check_pool, cache if cache else None)
     state = TierState()
+    busy_poll = BusyPoll(settings.api.busy_poll_us / 1e6) if settings.api.busy_poll_us else None
     ops = OpsEndpoints(settings, routed, metrics, lambda: queue.in_flight, lambda: state.draining,
                        redis_reachable=lambda: not queue.health.down, cache=cache)
 
     @web.middleware
     async def envelope_and_drain(request: web.Request, handler) -> web.StreamResponse:
+        if busy_poll is not None:
+            busy_poll.touch()
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -377,6 +381,8 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
             # Clients and proxies move to another tier instead of reusing a connection that will
             # close. (Here, not in on_response_prepare, where force_close() drops the response.)
             response.force_close()
+        if busy_poll is not None:
+            busy_poll.touch()  # the client's next request, on a keep-alive connection, comes soon
         return response
 
     # aiohttp enforces the body limit itself too; +1 so our own check answers first.
@@ -410,5 +416,13 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
     app.cleanup_ctx.append(queue_lifecycle)
     app.cleanup_ctx.append(ops.lifecycle)
     app.cleanup_ctx.append(cache.lifecycle)
+    async def busy_poll_lifecycle(app: web.Application):
+        if busy_poll is not None:
+            busy_poll.start()
+        yield
+        if busy_poll is not None:
+            await busy_poll.stop()
+
     app.cleanup_ctx.append(offload_lifecycle)
+    app.cleanup_ctx.append(busy_poll_lifecycle)
     return app
