@@ -413,9 +413,6 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
         for pool in api.entry_pools.values():
             pool.close()
 
-    app.cleanup_ctx.append(queue_lifecycle)
-    app.cleanup_ctx.append(ops.lifecycle)
-    app.cleanup_ctx.append(cache.lifecycle)
     async def busy_poll_lifecycle(app: web.Application):
         if busy_poll is not None:
             busy_poll.start()
@@ -423,6 +420,9 @@ def create_app(settings: Settings, models: Mapping[str, Model], checker: Signatu
         if busy_poll is not None:
             await busy_poll.stop()
 
+    app.cleanup_ctx.append(queue_lifecycle)
+    app.cleanup_ctx.append(ops.lifecycle)
+    app.cleanup_ctx.append(cache.lifecycle)
     app.cleanup_ctx.append(offload_lifecycle)
     app.cleanup_ctx.append(busy_poll_lifecycle)
     return app
