@@ -345,8 +345,13 @@ def body_for(data: dict[str, Any], sign_type: SignType) -> bytes:
 def selected(args: Any, name: str) -> bool:
     """Whether --only asks for the point or scenario `name`: an entry selects the names it equals
     or prefixes up to a dash ("echo" selects echo-sha256 and echo-sm2, "embedding" every
-    embedding scenario, ceiling included). No --only: everything."""
-    return not args.only or any(name == entry or name.startswith(entry + "-") for entry in args.only)
+    embedding scenario, ceiling included). No --only: everything. --skip leaves out what it names
+    the same way."""
+
+    def names(entries: set[str]) -> bool:
+        return any(name == entry or name.startswith(entry + "-") for entry in entries)
+
+    return (not args.only or names(args.only)) and not names(getattr(args, "skip", set()))
 
 
 # The echo's point with API.BusyPollUs (off by default): long enough to cover an echo's answer
@@ -787,6 +792,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="",
                         help="comma-separated scenarios, or prefixes of them (echo, embedding, embedding-short): "
                              + ", ".join(SCENARIOS) + " (default: all)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated scenarios left out of those --only selects, named as in --only "
+                             "(echo-sha256-busy-poll: the echo without its BusyPollUs point)")
     parser.add_argument("--embedding-connections", type=positive_numbers, default=[1, 16, 64],
                         help="embedding concurrency levels (default 1,16,64)")
     parser.add_argument("--ceiling-batches", type=positive_numbers, default=[1, 8, 16, EMBEDDING_BATCHING["on"]],
@@ -803,10 +811,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0:
         parser.error("--rounds must be at least 1 and --duration positive")
-    args.only = set(filter(None, args.only.split(",")))
-    unknown = {entry for entry in args.only if not any(s == entry or s.startswith(entry + "-") for s in SCENARIOS)}
-    if unknown:
-        parser.error(f"--only: no scenario named or starting with {', '.join(sorted(unknown))}")
+    for option in ("only", "skip"):
+        entries = set(filter(None, getattr(args, option).split(",")))
+        setattr(args, option, entries)
+        unknown = {entry for entry in entries if not any(s == entry or s.startswith(entry + "-") for s in SCENARIOS)}
+        if unknown:
+            parser.error(f"--{option}: no scenario named or starting with {', '.join(sorted(unknown))}")
     embedding = any(selected(args, name) for name in SCENARIOS if name.startswith("embedding"))
     embedding = embedding and embedding_available()
     points: list[Point] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ceiling, reference, run
+from benchmarks import against_base, ceiling, reference, run
 from benchmarks.models import Sleep10ms
 from benchmarks.run import CeilingRound, Point
 
@@ -215,3 +215,42 @@ def test_the_wakeup_costs_are_measured_against_a_real_redis() -> None:
     lines = result.stdout.splitlines()
     assert any("both block" in line for line in lines) and any("both busy-poll" in line for line in lines)
     assert sum("PING to redis-server" in line and "client CPU" in line for line in lines) == 2, result.stdout
+
+
+def test_go_infer_s_figures_scale_as_the_base_tree_s_moved() -> None:
+    """Where the base tree runs as it did on the issue's machine, the references are go-infer's
+    own; where it runs twice as fast and at half the CPU, go-infer's figures move as much."""
+    same = {key: point(ref.scenario, ref.connections, ref.rps, p50=ref.p50_ms or 1.0, cpu=ref.cpu_ms)
+            for key, ref in reference.BASE.items()}
+    scaled, echo_p50 = reference.scaled_reference(same)
+    assert scaled == reference.GOINFER and echo_p50 == pytest.approx(reference.ECHO_P50_MS)
+    faster = {key: point(ref.scenario, ref.connections, 2 * ref.rps, p50=(ref.p50_ms or 1.0) / 2, cpu=ref.cpu_ms / 2)
+              for key, ref in reference.BASE.items() if key != ("echo-sm2", 64)}
+    scaled, echo_p50 = reference.scaled_reference(faster)
+    for key, ref in reference.GOINFER.items():
+        factor = 1.0 if key == ("echo-sm2", 64) else 2.0  # a point the base did not run keeps its figure
+        assert scaled[key].rps == pytest.approx(factor * ref.rps)
+        assert scaled[key].cpu_ms == pytest.approx(ref.cpu_ms / factor)
+    assert echo_p50 == pytest.approx(reference.ECHO_P50_MS / 2)
+    targets = verdicts(reference.evaluate_targets(
+        by_key([point("echo-sha256", 64, 6000, cpu=0.1), point("echo-sha256", 1, 400, p50=0.5)]),
+        None, scaled, echo_p50))
+    assert targets["SHA256 echo, 64 conns: req/s ≥ go-infer"] is False  # 6,000 < 2 x 4,285
+    assert targets["SHA256 echo, 64 conns: CPU/request ≤ go-infer"] is True  # 0.1 ≤ 0.30 / 2
+    assert targets["SHA256 echo, 1 conn: p50 ≤ 0.35 ms"] is False
+
+
+def test_the_comparison_with_the_base_tree_sets_each_point_beside_its_base() -> None:
+    base = [point("echo-sha256", 64, 3300, 1, p50=20.0, cpu=0.56), point("echo-sha256", 64, 3340, 2, cpu=0.58)]
+    this = [point("echo-sha256", 64, 7600, 1, p50=8.0, cpu=0.20), point("echo-sha256", 64, 7800, 2, cpu=0.20)]
+    text = against_base.report(base, this)
+    assert "| echo-sha256, 64 conns | 3,320 | 7,700 | 2.32 | 0.57 | 0.20 | 0.35 |" in text  # medians
+    assert "echo-sha256 at 64: 0.99x req/s, 1.21x CPU" in text  # the base here against its issue figure
+    assert "| SHA256 echo, 64 conns: req/s ≥ go-infer | 7,700 req/s (1.81x) | 4,256 req/s | met |" in text
+    assert "embedding" not in text  # not run: not in the table
+
+
+def test_against_base_has_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.against_base", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--base" in result.stdout and reference.BASE_COMMIT in result.stdout
