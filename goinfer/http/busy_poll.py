@@ -35,7 +35,8 @@ _PROC_STAT = "/proc/stat"
 
 def usable_cores(cpu_max_path: str = _CPU_MAX) -> float:
     """The cores this process may run on: its CPU affinity, capped by a cgroup v2 quota."""
-    cores = float(len(os.sched_getaffinity(0)))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core counts
+    cores = float(len(affinity(0)) if affinity else os.cpu_count() or 1)
     try:
         with open(cpu_max_path) as cpu_max:
             quota, period = cpu_max.read().split()[:2]
