@@ -145,7 +145,9 @@ def parse_request_body_as_go(body: bytes, max_depth: int) -> ParsedBody:
         raise GoJsonError(f"invalid JSON: {exc}") from None
     if _LONE_SURROGATE_ESCAPE.search(text):
         value = _replace_lone_surrogates(value)
-    return ParsedBody(value, differ)
+    # The flag describes the value, not the text: a float under a key spelled again later (the
+    # last one wins, as in Go) is not in it, and orjson's path would rightly say False.
+    return ParsedBody(value, differ and not _numbers_exact(value))
 
 
 def _check_depth(text: str, max_depth: int) -> None:
