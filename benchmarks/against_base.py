@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from benchmarks.reference import BASE, BASE_COMMIT, evaluate_targets, scaled_reference
@@ -61,13 +62,12 @@ def one_round(tree: Path, duration: float, number: int, results: Path) -> list[P
     return points
 
 
-def comparison(base: list[Point], this: list[Point]) -> list[str]:
+def comparison(base: Mapping[tuple[str, int], Point], this: Mapping[tuple[str, int], Point]) -> list[str]:
     """Each point's medians, base tree and this one, and this one's as a multiple of the base's."""
-    here = {(p.scenario, p.connections): p for p in median_points(this)}
     lines = ["| point | base req/s | this req/s | × | base CPU ms/req | this CPU ms/req | × | base p50 ms | "
              "this p50 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for old in median_points(base):
-        new = here.get((old.scenario, old.connections))
+    for key, old in base.items():
+        new = this.get(key)
         if new is None:
             continue
         lines.append(f"| {old.scenario}, {old.connections} conns | {old.rps:,.0f} | {new.rps:,.0f} | "
@@ -87,7 +87,7 @@ def report(base: list[Point], this: list[Point]) -> str:
     return "\n".join([
         f"This tree against the base tree ({BASE_COMMIT}, the one the performance issue measured beside "
         f"go-infer), medians of {max((p.round for p in this), default=0)} alternating round(s) on this machine:",
-        "", *comparison(base, this), "",
+        "", *comparison(base_here, this_here), "",
         f"The base tree here against its figures on the issue's machine: {moved}. go-infer's figures scaled by "
         "as much (an estimate: it assumes go-infer moved as the base tree did), and the 1-connection p50 "
         "target with them:", "",

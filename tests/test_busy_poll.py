@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.run import cpu_seconds
 from goinfer.client import Client
-from goinfer.http.busy_poll import MARGIN_CORES, SAMPLE_S, BusyPoll, SpareCore, machine_busy_s, usable_cores
+from goinfer.http.busy_poll import (
+    MARGIN_CORES,
+    SAMPLE_S,
+    BusyPoll,
+    SpareCore,
+    machine_busy_s,
+    own_cpu_s,
+    usable_cores,
+)
 from goinfer.settings import SettingsError, load_settings
 
 from conftest import APP_ID, APP_SECRET, url_of, write_settings
@@ -79,11 +88,6 @@ def test_the_machine_s_busy_time_leaves_out_idle_iowait_and_steal(tmp_path: Path
     assert real is not None and real > 0
 
 
-def _cpu_s() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def test_the_loop_polls_for_the_window_after_a_touch_then_sleeps() -> None:
     async def scenario() -> tuple[int, float, int, float]:
         poll = BusyPoll(0.2, allowed=lambda: True)
@@ -91,14 +95,14 @@ def test_the_loop_polls_for_the_window_after_a_touch_then_sleeps() -> None:
         try:
             await asyncio.sleep(0.05)
             assert poll.polls == 0  # never touched: asleep
-            started = _cpu_s()
+            started = own_cpu_s()
             poll.touch()
             await asyncio.sleep(0.15)
-            polling = (poll.polls, _cpu_s() - started)
+            polling = (poll.polls, own_cpu_s() - started)
             await asyncio.sleep(0.15)  # past the window
-            settled, started = poll.polls, _cpu_s()
+            settled, started = poll.polls, own_cpu_s()
             await asyncio.sleep(0.2)
-            return *polling, poll.polls - settled, _cpu_s() - started
+            return *polling, poll.polls - settled, own_cpu_s() - started
         finally:
             await poll.stop()
 
@@ -127,12 +131,6 @@ def test_busy_poll_us_is_checked(tmp_path: Path) -> None:
             load_settings(str(path))
 
 
-def _process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_a_tier_that_polls_answers_as_before_and_polls_after_each_request(tmp_path, redis_server, processes) -> None:
     settings = write_settings(tmp_path, redis_server.address, API={"BusyPollUs": 1_000_000})
     http = processes.http(settings)
@@ -141,13 +139,13 @@ def test_a_tier_that_polls_answers_as_before_and_polls_after_each_request(tmp_pa
     for i in range(20):
         assert api.call("/api/echo", {"text": f"poll {i}"})["text"] == f"poll {i}"
     time.sleep(1.5)  # past the window: asleep
-    idle_from = _process_cpu_s(http.pid)
+    idle_from = cpu_seconds([http.pid])
     time.sleep(0.8)
-    idle = _process_cpu_s(http.pid) - idle_from
+    idle = cpu_seconds([http.pid]) - idle_from
     assert idle < 0.1, idle
     if usable_cores() - 1 - MARGIN_CORES < 0.5:
         pytest.skip(f"{usable_cores():g} cores: the tier polls only where one is spare beside the others' load")
     api.call("/api/echo", {"text": "wake"})
-    busy_from = _process_cpu_s(http.pid)
+    busy_from = cpu_seconds([http.pid])
     time.sleep(0.8)
-    assert _process_cpu_s(http.pid) - busy_from > 0.2  # polling most of that time
+    assert cpu_seconds([http.pid]) - busy_from > 0.2  # polling most of that time
