@@ -348,10 +348,12 @@ def selected(args: Any, name: str) -> bool:
     embedding scenario, ceiling included). No --only: everything. --skip leaves out what it names
     the same way."""
 
-    def names(entries: set[str]) -> bool:
-        return any(name == entry or name.startswith(entry + "-") for entry in entries)
+    return (not args.only or names_any(args.only, name)) and not names_any(getattr(args, "skip", set()), name)
 
-    return (not args.only or names(args.only)) and not names(getattr(args, "skip", set()))
+
+def names_any(entries: set[str], name: str) -> bool:
+    """Whether an entry of --only/--skip names `name`: equals it, or prefixes it up to a dash."""
+    return any(name == entry or name.startswith(entry + "-") for entry in entries)
 
 
 # The echo's point with API.BusyPollUs (off by default): long enough to cover an echo's answer
@@ -814,7 +816,7 @@ def main(argv: list[str] | None = None) -> None:
     for option in ("only", "skip"):
         entries = set(filter(None, getattr(args, option).split(",")))
         setattr(args, option, entries)
-        unknown = {entry for entry in entries if not any(s == entry or s.startswith(entry + "-") for s in SCENARIOS)}
+        unknown = {entry for entry in entries if not any(names_any({entry}, scenario) for scenario in SCENARIOS)}
         if unknown:
             parser.error(f"--{option}: no scenario named or starting with {', '.join(sorted(unknown))}")
     embedding = any(selected(args, name) for name in SCENARIOS if name.startswith("embedding"))

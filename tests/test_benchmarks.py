@@ -158,7 +158,7 @@ def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> Non
         assert measured["requests"] > 0 and measured["errors"] == 0
         split = measured["cpu_split"]
         assert set(split) == {"http", "dispatcher", "workers", "redis"}
-        assert split["http"] > 0 and split["workers"] > 0 and split["redis"] > 0
+        assert split["http"] > 0 and split["workers"] > 0 and split["redis"] > 0, measured
         assert sum(split.values()) == pytest.approx(measured["cpu_ms"])
         assert measured["load_cpu_ms"] > 0  # measured, and kept out of cpu_ms
     median, _ = data["medians"]
