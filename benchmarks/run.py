@@ -109,12 +109,18 @@ class Point:
     cpu_split: dict[str, float] = field(default_factory=dict)  # the same, per process kind (KINDS)
     load_cpu_ms: float = float("nan")  # the load generator's CPU per request (not in cpu_ms)
     round: int = 1  # which round measured it; in a median point, how many rounds it sums up
+    # Per process kind, how often per request its threads went to sleep (voluntary context
+    # switches): each one is a wake-up some other process paid for, the cost CPU figures hide.
+    sleeps: dict[str, float] = field(default_factory=dict)
 
 
 # How drive() splits the CPU: `goinfer http` and its children (check process, --workers
 # processes), a dispatcher's supervisor, the supervisor's children (workers), Redis.
 KINDS = ("http", "dispatcher", "workers", "redis")
 KIND_NAMES = {"http": "of which HTTP", "dispatcher": "supervisor", "workers": "workers", "redis": "Redis"}
+# The kinds whose sleeps per request the table shows, in its header's order (the supervisor's
+# are its own timers).
+SLEEP_KINDS = ("http", "workers", "redis")
 
 
 @dataclass
@@ -297,6 +303,7 @@ def drive(service: Driven, scenario: str, url: str, body: bytes, connections: in
     pids = [pid for group in by_kind.values() for pid in group] if by_kind else service.pids()
     cpu_before = cpu_seconds(pids)
     kind_before = {kind: cpu_seconds(group) for kind, group in by_kind.items()}
+    sleeps_before = {kind: voluntary_switches(group) for kind, group in by_kind.items()}
     wrk = shutil.which("wrk") is not None
     # wrk is a child this process waits for; the asyncio generator runs in this process.
     load_before = _own_cpu_seconds(resource.RUSAGE_CHILDREN if wrk else resource.RUSAGE_SELF)
@@ -309,12 +316,37 @@ def drive(service: Driven, scenario: str, url: str, body: bytes, connections: in
     per_request = 1000 / requests if requests else float("nan")
     cpu_ms = (cpu_seconds(pids) - cpu_before) * per_request
     split = {kind: (cpu_seconds(group) - kind_before[kind]) * per_request for kind, group in by_kind.items()}
-    point = Point(scenario, connections, rps, p50, p99, requests, bad, note, cpu_ms, split, load_cpu * per_request)
+    sleeps = {kind: (voluntary_switches(group) - sleeps_before[kind]) / requests if requests else float("nan")
+              for kind, group in by_kind.items()}
+    point = Point(scenario, connections, rps, p50, p99, requests, bad, note, cpu_ms, split, load_cpu * per_request,
+                  sleeps=sleeps)
     shares = "".join(f" {kind} {value:.2f}" for kind, value in split.items())
+    naps = "".join(f" {kind} {sleeps[kind]:.1f}" for kind in SLEEP_KINDS if kind in sleeps)
     print(f"  {scenario:<25} c={connections:<4} {rps:8.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
           f"  CPU {cpu_ms:5.2f} ms/req{f' ({shares.strip()})' if shares else ''}, load generator "
-          f"{point.load_cpu_ms:.2f}  errors {bad}", file=sys.stderr)
+          f"{point.load_cpu_ms:.2f}{f', sleeps/req ({naps.strip()})' if naps else ''}  errors {bad}",
+          file=sys.stderr)
     return point
+
+
+def voluntary_switches(pids: list[int]) -> int:
+    """How many times the processes' threads have gone to sleep (voluntary context switches),
+    summed over every thread alive now (/proc/PID/status counts only the main thread's)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue  # gone meanwhile
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def _own_cpu_seconds(who: int) -> float:
@@ -618,7 +650,9 @@ def median_points(points: list[Point]) -> list[Point]:
             sum(p.requests for p in group), sum(p.errors for p in group), group[0].note,
             statistics.median(p.cpu_ms for p in group),
             {kind: statistics.median(p.cpu_split[kind] for p in group) for kind in kinds},
-            statistics.median(p.load_cpu_ms for p in group), len(group)))
+            statistics.median(p.load_cpu_ms for p in group), len(group),
+            {kind: statistics.median(p.sleeps[kind] for p in group) for kind in KINDS
+             if all(kind in p.sleeps for p in group)}))
     return medians
 
 
@@ -662,9 +696,10 @@ def points_table(points: list[Point], with_round: bool = False) -> list[str]:
     lines = [
         f"| scenario | conns |{' round |' if with_round else ''} req/s | p50 ms | p99 ms | CPU ms/req |"
         + "".join(f" {KIND_NAMES[kind]} |" for kind in split)
+        + " sleeps/req (HTTP / workers / Redis) |"
         + " load generator CPU ms/req | requests | errors | setup |",
         "|---|---:|" + ("---:|" if with_round else "") + "---:|---:|---:|---:|" + "---:|" * len(split)
-        + "---:|---:|---:|---|",
+        + "---:|---:|---:|---:|---|",
     ]
     for p in points:
         answered = p.requests > 0  # else wrk's latencies are zeros and the CPU per request undefined
@@ -672,9 +707,17 @@ def points_table(points: list[Point], with_round: bool = False) -> list[str]:
                      + (f"{p.p50_ms:.2f} | {p.p99_ms:.2f} | {_cell(p.cpu_ms)} | " if answered else "— | — | — | ")
                      + "".join(f"{p.cpu_split[kind]:.2f} | " if answered and kind in p.cpu_split else "— | "
                                for kind in split)
+                     + f"{_sleeps_cell(p) if answered else '—'} | "
                      + (f"{_cell(p.load_cpu_ms)} | " if answered else "— | ")
                      + f"{p.requests} | {p.errors} | {p.note} |")
     return lines
+
+
+def _sleeps_cell(point: Point) -> str:
+    """The sleeps per request of SLEEP_KINDS, as "2.4 / 1.1 / 3.2"; a dash where not measured."""
+    if not all(kind in point.sleeps for kind in SLEEP_KINDS):
+        return "—"
+    return " / ".join(f"{point.sleeps[kind]:.1f}" for kind in SLEEP_KINDS)
 
 
 def _cell(value: float) -> str:

@@ -161,7 +161,12 @@ def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> Non
         assert split["http"] > 0 and split["workers"] > 0 and split["redis"] > 0, measured
         assert sum(split.values()) == pytest.approx(measured["cpu_ms"])
         assert measured["load_cpu_ms"] > 0  # measured, and kept out of cpu_ms
+        assert set(measured["sleeps"]) == set(split)
+        if measured["scenario"] == "echo-sha256":
+            # One connection, nobody polling: each process waits for every request's next step.
+            assert min(measured["sleeps"][kind] for kind in ("http", "workers", "redis")) >= 0.5, measured
     median, _ = data["medians"]
+    assert set(median["sleeps"]) == set(median["cpu_split"])
     assert median["scenario"] == "echo-sha256" and median["round"] == 2
     assert median["requests"] == sum(p["requests"] for p in data["rounds"] if p["scenario"] == "echo-sha256")
     targets = {t["name"]: t for t in data["targets"]}
@@ -169,6 +174,7 @@ def test_a_short_run_keeps_every_round_and_splits_the_cpu(tmp_path: Path) -> Non
     assert targets["SHA256 echo, 64 conns: req/s ≥ go-infer"]["met"] is None
     text = report.read_text()
     assert "| target | measured (median) | reference | verdict |" in text and "## Every round" in text
+    assert "sleeps/req (HTTP / workers / Redis) |" in text
     assert "not run" in result.stdout
     assert "SHA256 echo with BusyPollUs 500" in text
 
