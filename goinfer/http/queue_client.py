@@ -457,6 +457,12 @@ class QueueClient:
                 delay = RECONNECT_FIRST_S
                 for raw in replies:
                     self._deliver(raw)
+                if replies:
+                    # Let the requests just answered write their responses before the next BLMPOP
+                    # goes out: sending it wakes Redis, which costs the sender tens of µs on a VM,
+                    # and the clients need not wait for that (1 connection: p50 ~3 % lower, fewer
+                    # sleeps per request; benchmarks/README.md).
+                    await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever a broken connection raises, the reader lives on
