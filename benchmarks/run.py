@@ -17,7 +17,9 @@ round's figures, so that runs can be compared later. Beside requests/s and laten
 has its CPU per request, from /proc: all of goinfer's processes and Redis (the load generator
 is left out), and its split by process kind (HTTP processes with their children, the
 dispatcher's supervisor, its workers, Redis). On a busy machine throughput moves with the
-neighbours' load, CPU per request much less.
+neighbours' load, CPU per request much less. It also has how often per request the HTTP
+processes, the workers and Redis went to sleep (voluntary context switches, every thread
+counted): at low load a request's latency is mostly the wake-ups that ended those sleeps.
 
 The embedding scenarios come with the encoder's in-process ceiling (benchmarks/ceiling.py): the
 same encoder in as many processes and threads as the served workers, with nothing around it.
@@ -110,7 +112,7 @@ class Point:
     load_cpu_ms: float = float("nan")  # the load generator's CPU per request (not in cpu_ms)
     round: int = 1  # which round measured it; in a median point, how many rounds it sums up
     # Per process kind, how often per request its threads went to sleep (voluntary context
-    # switches): each one is a wake-up some other process paid for, the cost CPU figures hide.
+    # switches): most end in a wake-up another process pays for, a cost CPU figures hide.
     sleeps: dict[str, float] = field(default_factory=dict)
 
 

@@ -460,7 +460,7 @@ class QueueClient:
                 if replies:
                     # Let the requests just answered write their responses before the next BLMPOP
                     # goes out: sending it wakes Redis, which costs the sender tens of µs on a VM,
-                    # and the clients need not wait for that (1 connection: p50 ~3 % lower, fewer
+                    # and the clients need not wait for that (1 connection: p50 ~5 % lower, fewer
                     # sleeps per request; benchmarks/README.md).
                     await asyncio.sleep(0)
             except asyncio.CancelledError:
