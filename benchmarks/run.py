@@ -345,10 +345,16 @@ def voluntary_switches(pids: list[int]) -> int:
                 status = (task / "status").read_text()
             except OSError:
                 continue
-            for line in status.splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
+            total += status_field(status, "voluntary_ctxt_switches") or 0
     return total
+
+
+def status_field(status: str, name: str) -> int | None:
+    """A number of a /proc status file's text (its first word after `name:`); None when absent."""
+    for line in status.splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return None
 
 
 def _own_cpu_seconds(who: int) -> float:
@@ -357,10 +363,8 @@ def _own_cpu_seconds(who: int) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    kib = status_field(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
+    return float("nan") if kib is None else kib / 1024
 
 
 def children_of(pid: int) -> list[int]:
