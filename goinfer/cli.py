@@ -88,10 +88,8 @@ def http_command(yaml_path: str, workers: int | None) -> None:
         if count > 1:
             sys.exit(run_http_processes(settings, registry.import_paths(), count))
         run_http(settings, registry)
-    except SettingsError as exc:
+    except SettingsError as exc:  # among others: API.Port held by another program
         _fatal(str(exc))
-    except OSError as exc:
-        _fatal(f"cannot listen on {settings.api.addr}:{settings.api.port}: {exc.strerror or exc}", 1)
 
 
 @click.command("server")

@@ -103,15 +103,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `predicate` until it returns something true, and return that; HarnessError after `timeout`."""
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str | Callable[[], str],
+               interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns something true, and return that; HarnessError after `timeout`.
+
+    `what` may be a callable, read only on the timeout: a message that quotes a process's output
+    must show what it printed while we waited, not what it had printed before."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise HarnessError(f"timed out after {timeout}s waiting for {what}")
+            described = what() if callable(what) else what
+            raise HarnessError(f"timed out after {timeout}s waiting for {described}")
         time.sleep(interval)
 
 
@@ -421,14 +426,20 @@ class GoinferProcess:
 
     def wait_for_output(self, text: str, timeout: float = 30) -> None:
         """Wait until `text` appears in the output; HarnessError, with the output, if the process exits first."""
+        self.wait_while_running(lambda: text in self.output, timeout, f"printing {text!r}")
 
-        def seen() -> bool:
-            if self.process.poll() is not None and text not in self.output:
-                raise HarnessError(f"{self.args} exited ({self.process.returncode}) before "
-                                   f"printing {text!r}:\n{self.output}")
-            return text in self.output
+    def wait_while_running(self, predicate: Callable[[], T | None], timeout: float, what: str) -> T:
+        """`wait_until(predicate)`, but HarnessError at once if this process exits first, and the
+        process's output in the error either way: a test waiting on a process that died learns
+        nothing from a minute of polling, nor from a message without its log."""
 
-        wait_until(seen, timeout, f"{text!r} from {self.args}")
+        def running_check() -> T | None:
+            value = predicate()
+            if not value and self.process.poll() is not None:
+                raise HarnessError(f"{self.args} exited ({self.process.returncode}) before {what}:\n{self.output}")
+            return value
+
+        return wait_until(running_check, timeout, lambda: f"{what} from {self.args}:\n{self.output}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Send `sig` and return the exit code; a process still running after `timeout` is killed (HarnessError)."""
@@ -484,15 +495,13 @@ class ProcessFactory:
         url = url_of(settings) + "/"
 
         def serving() -> bool:
-            if proc.process.poll() is not None:
-                raise HarnessError(f"http tier exited ({proc.process.returncode}):\n{proc.output}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
                     return bool(response.status == 200)
             except OSError:
                 return False
 
-        wait_until(serving, 30, "the HTTP tier to serve")
+        proc.wait_while_running(serving, 30, "serving GET /")
         return proc
 
     def server(self, settings: Path, queue: int = 0, wait: bool = True, **kwargs: Any) -> GoinferProcess:

@@ -280,9 +280,9 @@ def run_deployment(layout: Layout, tmp_path: Path, processes: ProcessFactory, re
         for tier, address in zip(tiers, layout.tiers, strict=True):
             wait_until(lambda tier=tier, address=address: tier.process.poll() is None
                        and api.on_client(_status, f"http://{address}/") == 200,
-                       30, f"the HTTP tier on {address}:\n{tier.output}")
+                       30, lambda tier=tier, address=address: f"the HTTP tier on {address}:\n{tier.output}")
         wait_until(lambda: nginx.process.poll() is None and api.on_client(_status, api.url + "/") == 200,
-                   15, f"nginx to proxy:\n{nginx.output}")
+                   15, lambda: f"nginx to proxy:\n{nginx.output}")
         for tag, proc in dispatchers.items():
             proc.wait_for_output(f"dispatcher for queue {tag[1]} ready", 60)
         for address in layout.tiers:
@@ -358,7 +358,7 @@ def test_nginx_answers_oversized_bodies_with_the_envelope(tmp_path, redis_server
     nginx = start_nginx(tmp_path / "nginx", listen, [f"127.0.0.1:{port}"] * 2, [])
     url = f"http://{listen}"
     try:
-        wait_until(lambda: _status(url + "/") == 200, 15, f"nginx to proxy:\n{nginx.output}")
+        wait_until(lambda: _status(url + "/") == 200, 15, lambda: f"nginx to proxy:\n{nginx.output}")
         status, envelope = post_raw(url + "/api/echo", b"{" + b" " * (16 * 1024 * 1024) + b"}")
         assert status == 413 and envelope["code"] == 9710 and envelope["success"] is False
         assert abs(envelope["timestamp"] - time.time()) < 60
@@ -382,7 +382,7 @@ def test_stopping_a_tier_under_load_loses_nothing(tmp_path, redis_server, proces
     nginx = start_nginx(tmp_path / "nginx", layout.nginx_listen, layout.tiers, [])
     api = Api(layout, threads=16)
     try:
-        wait_until(lambda: _status(api.url + "/") == 200, 15, f"nginx to proxy:\n{nginx.output}")
+        wait_until(lambda: _status(api.url + "/") == 200, 15, lambda: f"nginx to proxy:\n{nginx.output}")
 
         def stop_tier_2(done: int) -> None:
             if done == 60:

@@ -198,7 +198,7 @@ def test_up_with_a_data_dir_keeps_its_redis_data_across_restarts(tmp_path, proce
     up = processes.start("up", "--yaml", str(settings), "--data-dir", str(data_dir))
     up.wait_for_output("started a private redis-server", 30)
     api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SHA256")
-    wait_until(lambda: _answers(api), 60, f"goinfer up to answer:\n{up.output}")
+    up.wait_while_running(lambda: _answers(api), 60, "answering")
     assert _config(client, "appendonly", "appendfsync", "dir") == {
         "appendonly": "yes", "appendfsync": "everysec", "dir": str(data_dir.resolve())}
     entry = client.xadd(probe, {"kept": "yes"})
@@ -261,7 +261,7 @@ def test_up_starts_its_redis_again_after_a_crash_and_serves_what_was_queued(tmp_
     client = redis.Redis(host="127.0.0.1", port=port)
     up = processes.start("up", "--yaml", str(settings), "--data-dir", str(tmp_path / "up-data"))
     api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SHA256", timeout=120)
-    wait_until(lambda: _answers(api), 60, f"goinfer up to answer:\n{up.output}")
+    up.wait_while_running(lambda: _answers(api), 60, "answering")
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(_call, api, i, 1.0) for i in range(1, 7)]  # one worker: 6 s of work
         # every request queued (a request still on its way when Redis dies rightly gets 9702,
@@ -289,7 +289,7 @@ def test_up_without_a_data_dir_starts_an_empty_redis_again_and_gives_up_on_one_t
     client = redis.Redis(host="127.0.0.1", port=port)
     up = processes.start("up", "--yaml", str(settings))
     api = Client(url_of(settings), APP_ID, APP_SECRET, sign_type="SHA256")
-    wait_until(lambda: _answers(api), 60, f"goinfer up to answer:\n{up.output}")
+    up.wait_while_running(lambda: _answers(api), 60, "answering")
     _let_the_worker_go_idle()
 
     def kill_redis(nth: int) -> None:

@@ -71,7 +71,7 @@ def test_up_starts_its_redis_with_the_password_of_a_redis_url(tmp_path, processe
     up = processes.start("up", "--yaml", str(settings))
     up.wait_for_output("started a private redis-server", 30)
     api = TEST_CREDENTIALS.client(url_of(settings))
-    wait_until(lambda: _echo_answers(api), 60, f"goinfer up to answer:\n{up.output}")
+    up.wait_while_running(lambda: _echo_answers(api), 60, "answering")
     assert redis.Redis(host="127.0.0.1", port=port, password="url pw").ping()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=port).ping()
@@ -126,6 +126,19 @@ def test_a_process_that_exits_early_fails_the_wait_with_its_output(tmp_path):
         proc = factory.start(program=[sys.executable, "-c", "print('bad settings'); raise SystemExit(3)"])
         with pytest.raises(HarnessError, match=r"exited \(3\) before printing 'ready':\nbad settings"):
             proc.wait_for_output("ready", timeout=30)
+    finally:
+        factory.cleanup()
+
+
+def test_a_wait_that_times_out_shows_what_the_process_printed_while_it_waited(tmp_path):
+    """The message is read at the timeout: output printed during the wait is in it."""
+    factory = ProcessFactory(tmp_path)
+    try:
+        proc = factory.start(program=[sys.executable, "-c",
+                                      "import time; time.sleep(0.5); print('late line', flush=True); time.sleep(600)"])
+        assert "late line" not in proc.output
+        with pytest.raises(HarnessError, match=r"timed out after 2s waiting for answering from .*\nlate line"):
+            proc.wait_while_running(lambda: False, 2, "answering")
     finally:
         factory.cleanup()
 

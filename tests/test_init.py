@@ -19,7 +19,7 @@ from goinfer.crypto.sm2 import public_key_from_private_b64, public_key_to_hex
 from goinfer.published import published_keys
 from goinfer.settings import load_settings
 
-from conftest import ROOT, ProcessFactory, free_port, process_env, start_redis, stop_redis, wait_until
+from conftest import ROOT, ProcessFactory, free_port, process_env, start_redis, stop_redis
 
 GOINFER_SCRIPT = str(Path(sys.executable).parent / "goinfer")
 
@@ -143,14 +143,12 @@ def test_an_initialised_project_serves_its_model(tmp_path):
         client = Client(f"http://127.0.0.1:{env['GOINFER_API__PORT']}", app_id, secret, sign_type="SHA256")
 
         def answers() -> bool:
-            if up.process.poll() is not None:
-                raise AssertionError(f"goinfer up exited ({up.process.returncode}):\n{up.output}")
             try:
                 return client.call("/api/mymodel", {"text": "x"})["length"] == 1
             except OSError:
                 return False
 
-        wait_until(answers, 90, "the initialised project to answer")
+        up.wait_while_running(answers, 90, "the initialised project answering")
         done = subprocess.run([GOINFER_SCRIPT, "call", "/api/mymodel", "--data", '{"text": "hello"}',
                                "--yaml", "settings.yaml"], capture_output=True, text=True, cwd=folder,
                               env=process_env(env), timeout=60)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from goinfer.cli_options import EXIT_CONFIG
 from goinfer.client import Client, GoinferError
 from goinfer.http.server import build_app
 from goinfer.models.echo import Echo
@@ -103,6 +105,24 @@ def test_ready_follows_the_dispatchers(tmp_path, redis_server, processes):
     assert server.stop(signal.SIGTERM) == 0  # a clean stop deletes the key at once
     assert get_json(url + "/ready") == (503, {"ready": False, "redis": True, "missing_queues": [queue]})
     assert "Traceback" not in server.output + http.output
+
+
+@pytest.mark.parametrize("command", [["http"], ["http", "--workers", "2"], ["up"]], ids=" ".join)
+def test_a_port_another_program_holds_stops_the_tier_with_one_line_and_exit_2(tmp_path, redis_server, processes,
+                                                                            command):
+    """Restarting an HTTP process (under --workers or `up`) cannot free the port: every command
+    stops, with the settings problem's status and no traceback, instead of retrying for ever."""
+    settings = write_settings(tmp_path, redis_server.address)
+    port = settings_of(settings)["API"]["Port"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        tier = processes.start(*command, "--yaml", str(settings))
+        assert tier.process.wait(60) == EXIT_CONFIG, tier.output
+    errors = [line for line in tier.output.splitlines() if line.startswith("goinfer: error:")]
+    assert errors == [f"goinfer: error: {settings}: API.Port: cannot listen on 127.0.0.1:{port}: "
+                      "address already in use"], tier.output
+    assert "Traceback" not in tier.output
 
 
 def test_ready_fails_when_redis_is_unreachable(tmp_path, processes):

@@ -8,6 +8,7 @@ a process that exits so stops them all instead of being restarted forever.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
@@ -80,8 +81,9 @@ class ClientFaultFilter(logging.Filter):
 def run_http(settings: Settings, registry: ModelRegistry, reuse_port: bool = False) -> None:
     """Serve the API on the settings' Addr:Port; returns after a clean shutdown.
 
-    Raises SettingsError when the settings cannot work: among others when Redis refuses its
-    credentials, at start or later (the tier then stops at once: retrying cannot help).
+    Raises SettingsError when the settings cannot work: among others when API.Addr:API.Port cannot
+    be listened on, or Redis refuses its credentials, at start or later (the tier then stops at
+    once: retrying cannot help).
     """
     _use_uvloop()
     logging.getLogger("aiohttp.server").addFilter(ClientFaultFilter())
@@ -118,8 +120,12 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
     await runner.setup()  # starts the queue client: RedisRefused if Redis refuses our credentials
     queue = app[QUEUE_CLIENT]
     try:
-        await web.TCPSite(runner, api.addr, api.port, reuse_port=reuse_port or None, backlog=1024,
-                          shutdown_timeout=grace).start()
+        site = web.TCPSite(runner, api.addr, api.port, reuse_port=reuse_port or None, backlog=1024,
+                           shutdown_timeout=grace)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise cannot_listen(settings, exc) from None
         routes = [m.api_path for m in registry.classes if not m.api_path.startswith(NOAPI_PREFIX)]
         log.info("HTTP tier on %s:%d serving %s", api.addr, api.port, ", ".join(routes))
         stop = asyncio.Event()
@@ -138,6 +144,16 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
     if queue.refused is not None:
         raise queue.refused
     log.info("HTTP tier stopped")
+
+
+def cannot_listen(settings: Settings, exc: OSError) -> SettingsError:
+    """A port another program holds (or an address this machine lacks) is the operator's to fix:
+    one line naming the setting, the exit status of a settings problem, and no restart (under
+    --workers or `goinfer up`) that would fail the same way forever."""
+    api = settings.api
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    key = "API.Port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "API.Addr"
+    return SettingsError(settings.path, key, f"cannot listen on {api.addr}:{api.port}: {reason}")
 
 
 def _http_process_main(settings: Settings, model_paths: list[str]) -> None:
