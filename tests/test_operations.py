@@ -125,6 +125,19 @@ def test_a_port_another_program_holds_stops_the_tier_with_one_line_and_exit_2(tm
     assert "Traceback" not in tier.output
 
 
+def test_a_second_multi_process_tier_does_not_join_the_port_of_a_running_one(tmp_path, redis_server, processes):
+    """SO_REUSEPORT would let it in, and the kernel would give it half the first one's clients."""
+    settings = write_settings(tmp_path, redis_server.address)
+    first = processes.start("http", "--yaml", str(settings), "--workers", "2")
+    first.wait_while_running(lambda: first.output.count("HTTP tier on") == 2, 60, "both processes listening")
+    second = processes.start("http", "--yaml", str(settings), "--workers", "2")
+    assert second.process.wait(60) == EXIT_CONFIG, second.output
+    port = settings_of(settings)["API"]["Port"]
+    assert f"API.Port: cannot listen on 127.0.0.1:{port}: address already in use" in second.output
+    assert "HTTP tier on" not in second.output and "Traceback" not in second.output
+    assert first.process.poll() is None
+
+
 def test_ready_fails_when_redis_is_unreachable(tmp_path, processes):
     settings = write_settings(tmp_path, f"127.0.0.1:{free_port()}")
     url = url_of(settings)

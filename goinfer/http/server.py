@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -146,12 +147,40 @@ async def _serve(settings: Settings, app: web.Application, registry: ModelRegist
     log.info("HTTP tier stopped")
 
 
+def refuse_a_port_in_use(settings: Settings) -> None:
+    """Raise SettingsError (cannot_listen) if something already listens on API.Addr:API.Port.
+
+    The --workers processes bind with SO_REUSEPORT, which also lets them join a listener that
+    another `goinfer http --workers` left there (a stale one, with other settings or models): the
+    kernel would then hand that one half the connections, unnoticed. A plain bind first refuses
+    the port as a single process does. SO_REUSEADDR keeps a previous run's TIME_WAIT connections
+    from counting as a listener."""
+    api = settings.api
+    try:
+        addresses = socket.getaddrinfo(api.addr or None, api.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise cannot_listen(settings, exc) from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise cannot_listen(settings, exc) from None
+
+
 def cannot_listen(settings: Settings, exc: OSError) -> SettingsError:
     """A port another program holds (or an address this machine lacks) is the operator's to fix:
     one line naming the setting, the exit status of a settings problem, and no restart (under
     --workers or `goinfer up`) that would fail the same way forever."""
     api = settings.api
-    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    # uvloop's messages repeat the address; getaddrinfo's errno is not an errno
+    if exc.errno and not isinstance(exc, socket.gaierror):
+        reason = os.strerror(exc.errno).lower()
+    else:
+        reason = exc.strerror or str(exc)
     key = "API.Port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "API.Addr"
     return SettingsError(settings.path, key, f"cannot listen on {api.addr}:{api.port}: {reason}")
 
@@ -176,9 +205,11 @@ def run_http_processes(settings: Settings, model_paths: Sequence[str], count: in
     reaches any one process, so they share their metrics through a private
     PROMETHEUS_MULTIPROC_DIR (unless one is set already) and each one shows the sum.
 
-    Raises SettingsError, before starting any process, if Redis refuses the credentials.
+    Raises SettingsError, before starting any process, if Redis refuses the credentials or
+    something already listens on the port.
     """
     check_redis_credentials(settings)  # one line now, rather than one per process
+    refuse_a_port_in_use(settings)
     context = multiprocessing.get_context("spawn")
     metrics_folder = None
     if not os.environ.get(MULTIPROC_ENV):
