@@ -278,9 +278,8 @@ def run_deployment(layout: Layout, tmp_path: Path, processes: ProcessFactory, re
     api = Api(layout, threads=16)
     try:
         for tier, address in zip(tiers, layout.tiers, strict=True):
-            wait_until(lambda tier=tier, address=address: tier.process.poll() is None
-                       and api.on_client(_status, f"http://{address}/") == 200,
-                       30, lambda tier=tier, address=address: f"the HTTP tier on {address}:\n{tier.output}")
+            tier.wait_while_running(lambda address=address: api.on_client(_status, f"http://{address}/") == 200,
+                                    30, f"serving on {address}")
         wait_until(lambda: nginx.process.poll() is None and api.on_client(_status, api.url + "/") == 200,
                    15, lambda: f"nginx to proxy:\n{nginx.output}")
         for tag, proc in dispatchers.items():

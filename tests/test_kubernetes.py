@@ -43,7 +43,6 @@ from goinfer.settings import Settings, SettingsError, parse_settings
 from conftest import (
     ROOT,
     GoinferProcess,
-    HarnessError,
     ProcessFactory,
     free_port,
     process_env,
@@ -830,7 +829,7 @@ def test_the_pods_commands_and_probes_work(tmp_path: Path) -> None:
                                env={**_pod_environment(objects, http), **here, **loopback})
         base = f"http://127.0.0.1:{port}"
         probes = {name: the_container(http)[name]["httpGet"]["path"] for name in PROBES}
-        wait_until(lambda: _get(base + probes["startupProbe"])[0] == 200 or _alive(tier), 30, "the HTTP tier")
+        tier.wait_while_running(lambda: _get(base + probes["startupProbe"])[0] == 200, 30, "passing its startup probe")
         assert _get(base + probes["livenessProbe"])[0] == 200
         status, body = _get(base + probes["readinessProbe"])
         assert status == 503 and json.loads(body)["missing_queues"], body
@@ -849,11 +848,8 @@ def test_the_pods_commands_and_probes_work(tmp_path: Path) -> None:
         # Queue 1's dispatcher loading its model: not ready, and neither is the HTTP tier.
         loading = dispatcher(1, GOINFER_MODELS="sample_models:SlowInit", SLOW_INIT_S="600")
         loading.wait_for_output("slow init started", 60)
-        try:
-            wait_until(lambda: _get(f"http://127.0.0.1:{metrics + 1}/metrics")[0] == 200 or _alive(loading), 60,
-                       "the loading dispatcher's metrics")
-        except HarnessError as exc:
-            pytest.fail(f"{exc}:\n{loading.output}")
+        loading.wait_while_running(lambda: _get(f"http://127.0.0.1:{metrics + 1}/metrics")[0] == 200, 60,
+                                   "serving its metrics while it loads")
         assert _probe(probe_script, metrics + 1) == 1
         assert _get(base + probes["readinessProbe"])[0] == 503
         loading.kill_group()
@@ -880,12 +876,6 @@ def _free_port_pair() -> int:
                 continue
         return port
     pytest.fail("no two consecutive free ports")
-
-
-def _alive(process: GoinferProcess) -> bool:
-    if process.process.poll() is not None:
-        pytest.fail(f"{process.args} exited ({process.process.returncode}):\n{process.output}")
-    return False
 
 
 # --- the image ---------------------------------------------------------------------------------
