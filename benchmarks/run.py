@@ -302,9 +302,10 @@ class Driven(Protocol):
 def drive(service: Driven, scenario: str, url: str, body: bytes, connections: int, duration: float,
           note: str = "") -> Point:
     by_kind: dict[str, list[int]] = getattr(service, "pids_by_kind", lambda: {})()
-    pids = [pid for group in by_kind.values() for pid in group] if by_kind else service.pids()
-    cpu_before = cpu_seconds(pids)
-    kind_before = {kind: cpu_seconds(group) for kind, group in by_kind.items()}
+    # Each kind is read once; the total is their sum, so the split adds up to it exactly (reading
+    # the total apart from the kinds let the processes' idle work between the reads skew it).
+    groups = by_kind or {"all": service.pids()}
+    kind_before = {kind: cpu_seconds(group) for kind, group in groups.items()}
     sleeps_before = {kind: voluntary_switches(group) for kind, group in by_kind.items()}
     wrk = shutil.which("wrk") is not None
     # wrk is a child this process waits for; the asyncio generator runs in this process.
@@ -316,8 +317,9 @@ def drive(service: Driven, scenario: str, url: str, body: bytes, connections: in
     load_cpu = _own_cpu_seconds(resource.RUSAGE_CHILDREN if wrk else resource.RUSAGE_SELF) - load_before
     # The load generator is not one of the service's processes: only goinfer's and Redis's CPU.
     per_request = 1000 / requests if requests else float("nan")
-    cpu_ms = (cpu_seconds(pids) - cpu_before) * per_request
-    split = {kind: (cpu_seconds(group) - kind_before[kind]) * per_request for kind, group in by_kind.items()}
+    used = {kind: (cpu_seconds(group) - kind_before[kind]) * per_request for kind, group in groups.items()}
+    cpu_ms = sum(used.values())
+    split = used if by_kind else {}
     sleeps = {kind: (voluntary_switches(group) - sleeps_before[kind]) / requests if requests else float("nan")
               for kind, group in by_kind.items()}
     point = Point(scenario, connections, rps, p50, p99, requests, bad, note, cpu_ms, split, load_cpu * per_request,
