@@ -1,12 +1,14 @@
 """go-infer's figures, the reference goinfer is measured against, and the performance targets.
 
 go-infer cannot be built here (its Go modules need the module proxy), so its figures are fixed
-numbers: measured by the performance issue's author on the project's 2-core x86_64 VM, go-infer
-built from its source with its pinned modules, run side by side with goinfer in one run with the
-same load (wrk on loopback, pre-signed bodies, 10 s per point, medians of 3 interleaved rounds;
-1 HTTP process and a dispatcher with MaxWorkers 2, the 10 ms model with MaxWorkers 8). Its CPU
-per request is that of all of go-infer's processes and Redis, from /proc, as benchmarks.run
-measures goinfer's. go-infer's latency at 1 connection includes a fixed 2 ms sleep in its reply
+numbers: measured by the performance issue's author on the 2-core x86_64 VM the project ran on
+until 2026-12-02 (an AMD EPYC; the project's VM is now an Intel Xeon, so a verdict against these
+figures compares two machines: `benchmarks.against_base` scales them), go-infer built from its
+source with its pinned modules, run side by side with goinfer in one run with the same load
+(wrk on loopback, pre-signed bodies, 10 s per point, medians of 3 interleaved rounds; 1 HTTP
+process and a dispatcher with MaxWorkers 2, the 10 ms model with MaxWorkers 8). Its CPU per
+request is that of all of go-infer's processes and Redis, from /proc, as benchmarks.run measures
+goinfer's. go-infer's latency at 1 connection includes a fixed 2 ms sleep in its reply
 wait; without it, it answers at p50 0.66 ms.
 
 `evaluate_targets` turns one run's medians into the targets table: each target, the figure
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 GOINFER_PROVENANCE = (
-    "go-infer figures: measured by the performance issue's author on this project's 2-core VM, go-infer built "
+    "go-infer figures: measured by the performance issue's author on the project's earlier 2-core VM (an AMD "
+    "EPYC, until 2026-12-02; `python -m benchmarks.against_base` scales them to this machine), go-infer built "
     "from source with its pinned modules, same load and layout, medians of 3 rounds of 10 s (go-infer cannot "
     "be built here: no Go module proxy); its 1-connection p50 includes a fixed 2 ms sleep (0.66 ms without)"
 )
